@@ -1,0 +1,313 @@
+"""The MOELORA layer: LoRA experts and a router around a linear (optionally quantized) base layer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from torch import nn
+
+from . import losses
+from .config import MoeLoraConfig
+from .routing import expert_down, expert_up, route, router_logits
+from .state import ForwardContext, RouterRecord, RoutingState, inject_router_loss
+
+
+class MoeLoraMergeError(NotImplementedError):
+    """Raised by merge operations: MOELORA routing depends on the input, so its update is no fixed weight delta."""
+
+
+MERGE_ERROR_MESSAGE = (
+    "MOELORA adapters cannot be merged into the base weights: the router picks different experts for every token, so "
+    "the adapter is not a fixed weight update. Use `unload()` to get the base model back, or export a single expert "
+    "(or a router-weighted approximation) as a plain LoRA adapter."
+)
+
+
+class MoeLoraLayer(BaseTunerLayer):
+    """Mixin holding the per-adapter MOELORA state of one adapted layer (keyed by adapter name, like LoRA)."""
+
+    # Trainable adapter tensors; the experts are stacked: A (E, r, in), B (E, out, r), router (E, in).
+    adapter_layer_names = ("moelora_A", "moelora_B", "moelora_router", "moelora_log_temperature")
+    other_param_names = ("r", "num_experts", "top_k", "scaling", "moelora_dropout", "routing_options", "expert_mask")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(
+            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+        )
+        self.r: dict[str, int] = {}
+        self.num_experts: dict[str, int] = {}
+        self.top_k: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.routing_options: dict[str, dict[str, Any]] = {}
+        self.expert_mask: dict[str, Optional[torch.Tensor]] = {}
+        self.moelora_A = nn.ParameterDict({})
+        self.moelora_B = nn.ParameterDict({})
+        self.moelora_router = nn.ParameterDict({})
+        self.moelora_log_temperature = nn.ParameterDict({})
+        self.moelora_dropout = nn.ModuleDict({})
+        # Per instance, so that freezing the experts of one adapter does not leak into other layers.
+        self.frozen_peft_weight_names = {}
+        self._routing_state: Optional[RoutingState] = None
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"Unsupported layer type {type(self.get_base_layer())} for MOELORA.")
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: MoeLoraConfig,
+        num_experts: int,
+        top_k: int,
+        r: Optional[int] = None,
+        experts: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        inference_mode: bool = False,
+    ) -> None:
+        """Create (or re-create) the experts and the router of `adapter_name` in this layer.
+
+        Args:
+            num_experts, top_k: resolved for this layer (MoLA lists are expanded by the model).
+            r: rank of the experts; `config.r` when not given.
+            experts: MoLE: `(A, B)` stacked weights of trained LoRAs, `(E, r, in)` and `(E, out, r)`, with the LoRA
+                scaling already folded into B.
+        """
+        r = config.r if r is None else r
+        if r < 1:
+            raise ValueError(f"`r` must be a positive int, got {r}.")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"`top_k` ({top_k}) must be between 1 and `num_experts` ({num_experts}).")
+        self.r[adapter_name] = r
+        self.num_experts[adapter_name] = num_experts
+        self.top_k[adapter_name] = top_k
+        if experts is not None:
+            self.scaling[adapter_name] = 1.0
+        elif config.use_rslora:
+            self.scaling[adapter_name] = config.lora_alpha / math.sqrt(r)
+        else:
+            self.scaling[adapter_name] = config.lora_alpha / r
+        self.routing_options[adapter_name] = {
+            "router_type": config.router_type,
+            "temperature": float(config.router_temperature),
+            "jitter": float(config.router_jitter_noise),
+            "noise_std": float(config.router_noise_std),
+            "aux_loss_coef": float(config.aux_loss_coef),
+            "router_z_loss_coef": float(config.router_z_loss_coef),
+            "contrastive_loss_coef": float(config.contrastive_loss_coef),
+            "contrastive_temperature": float(config.contrastive_temperature),
+            "gate_balance_loss_coef": float(config.gate_balance_loss_coef),
+        }
+        self.expert_mask[adapter_name] = None
+        self.moelora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+
+        self.moelora_A[adapter_name] = nn.Parameter(torch.empty(num_experts, r, self.in_features))
+        self.moelora_B[adapter_name] = nn.Parameter(torch.empty(num_experts, self.out_features, r))
+        if num_experts > 1:
+            # With a single expert the gate is always 1: there is no router (its weights could never train).
+            self.moelora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
+        if config.learn_router_temperature and num_experts > 1:
+            self.moelora_log_temperature[adapter_name] = nn.Parameter(torch.empty(()))
+        self.reset_parameters(adapter_name, config.init_weights, config.router_temperature)
+        if experts is not None:
+            lora_A, lora_B = experts
+            with torch.no_grad():
+                self.moelora_A[adapter_name].copy_(lora_A)
+                self.moelora_B[adapter_name].copy_(lora_B)
+        if config.freeze_experts:
+            self.frozen_peft_weight_names[adapter_name] = ("moelora_A", "moelora_B")
+
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_parameters(self, adapter_name: str, init_weights: bool = True, temperature: float = 1.0) -> None:
+        if adapter_name not in self.moelora_A:
+            return
+        with torch.no_grad():
+            lora_A = self.moelora_A[adapter_name]
+            for expert in lora_A:
+                # LoRA's initialisation of A (nn.Linear's default), independently per expert.
+                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+            if init_weights:
+                nn.init.zeros_(self.moelora_B[adapter_name])
+            else:
+                for expert in self.moelora_B[adapter_name]:
+                    nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+            if adapter_name in self.moelora_router:
+                # Small random logits (as Mixtral's gate): experts differ from the first step and no expert is
+                # preferred at initialisation.
+                nn.init.normal_(self.moelora_router[adapter_name], std=1.0 / self.in_features)
+            if adapter_name in self.moelora_log_temperature:
+                self.moelora_log_temperature[adapter_name].fill_(math.log(temperature))
+
+    def set_expert_mask(self, adapter_name: str, mask: Optional[torch.Tensor]) -> None:
+        """Restrict routing of `adapter_name` to the experts where `mask` is True (None removes the mask)."""
+        if mask is not None:
+            num_experts = self.num_experts[adapter_name]
+            mask = torch.as_tensor(mask, dtype=torch.bool, device=self.moelora_A[adapter_name].device)
+            if mask.shape != (num_experts,):
+                raise ValueError(f"The expert mask must have shape ({num_experts},), got {tuple(mask.shape)}.")
+            if not mask.any():
+                raise ValueError("The expert mask must keep at least one expert.")
+        self.expert_mask[adapter_name] = mask
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise MoeLoraMergeError(MERGE_ERROR_MESSAGE)
+
+    def unmerge(self) -> None:
+        warnings.warn("MOELORA adapters are never merged; nothing to unmerge.")
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise MoeLoraMergeError(MERGE_ERROR_MESSAGE)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+
+class Linear(nn.Module, MoeLoraLayer):
+    """MOELORA around an `nn.Linear`, a `transformers` `Conv1D`, or a quantized linear layer (bitsandbytes 4/8-bit ...)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: MoeLoraConfig,
+        num_experts: int,
+        top_k: int,
+        r: Optional[int] = None,
+        experts: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        MoeLoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, num_experts=num_experts, top_k=top_k, r=r, experts=experts)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        previous_dtype = x.dtype
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        context, record = (None, False) if self._routing_state is None else self._routing_state.context_for_layer()
+        for active_adapter in self.active_adapters:
+            if active_adapter not in self.moelora_A:
+                continue
+            result = self._add_adapter_output(result, x, active_adapter, context, record)
+        return result.to(previous_dtype)
+
+    def _add_adapter_output(
+        self,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        adapter_name: str,
+        context: Optional[ForwardContext],
+        record: bool,
+    ) -> torch.Tensor:
+        lora_A = self.moelora_A[adapter_name]
+        lora_B = self.moelora_B[adapter_name]
+        options = self.routing_options[adapter_name]
+        num_experts = self.num_experts[adapter_name]
+        batch_shape = x.shape[:-1]
+        x = self._cast_input_dtype(x, lora_A.dtype)
+        tokens = x.reshape(-1, x.shape[-1])  # (tokens, in)
+
+        if num_experts == 1:
+            gates = tokens.new_ones(tokens.shape[0], 1, dtype=torch.float32)
+            routing = None
+        else:
+            router_input = tokens
+            if self.training and options["jitter"] > 0:
+                jitter = options["jitter"]
+                router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
+            logits = router_logits(router_input, self.moelora_router[adapter_name])  # (tokens, E), float32
+            temperature = options["temperature"]
+            if adapter_name in self.moelora_log_temperature:
+                temperature = self.moelora_log_temperature[adapter_name].float().exp()
+            routing = route(
+                logits,
+                top_k=self.top_k[adapter_name],
+                router_type=options["router_type"],
+                temperature=temperature,
+                noise_std=options["noise_std"] if self.training else 0.0,
+                expert_mask=self.expert_mask[adapter_name],
+            )
+            gates = routing.gates
+
+        h = expert_down(self.moelora_dropout[adapter_name](tokens), lora_A)  # (tokens, E*r)
+        update = expert_up(h, gates * self.scaling[adapter_name], lora_B)  # (tokens, out)
+        result = result + update.reshape(*batch_shape, -1).to(result.dtype)
+
+        if routing is not None and context is not None:
+            token_weight = context.token_weight(batch_shape)
+            weighted_loss, components = self._router_losses(routing, h, lora_B, token_weight, options)
+            if weighted_loss is not None:
+                result = inject_router_loss(result, weighted_loss, context)
+            if record:
+                context.records.append(
+                    RouterRecord(
+                        layer=self,
+                        adapter_name=adapter_name,
+                        expert_load=losses.expert_load(routing.selected, token_weight).detach(),
+                        entropy=losses.router_entropy(routing.probs, token_weight).detach(),
+                        losses={name: value.detach() for name, value in components.items()},
+                        weighted_loss=(
+                            weighted_loss.detach() if weighted_loss is not None else routing.probs.new_zeros(())
+                        ),
+                    )
+                )
+        return result
+
+    @staticmethod
+    def _router_losses(
+        routing, h: torch.Tensor, lora_B: torch.Tensor, token_weight: Optional[torch.Tensor], options: dict[str, Any]
+    ) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+        """Weighted sum and components of the router losses whose coefficient is not 0."""
+        components: dict[str, torch.Tensor] = {}
+        weighted = None
+        terms = (
+            (
+                "load_balancing",
+                "aux_loss_coef",
+                lambda: losses.load_balancing_loss(routing.probs, routing.selected, token_weight),
+            ),
+            ("router_z", "router_z_loss_coef", lambda: losses.router_z_loss(routing.logits, token_weight)),
+            ("gate_balance", "gate_balance_loss_coef", lambda: losses.gate_balance_loss(routing.gates, token_weight)),
+            (
+                "contrastive",
+                "contrastive_loss_coef",
+                lambda: losses.expert_contrastive_loss(
+                    h.unflatten(-1, (lora_B.shape[0], -1)),
+                    lora_B,
+                    routing.selected,
+                    options["contrastive_temperature"],
+                    token_weight,
+                ),
+            ),
+        )
+        for name, coef_name, compute in terms:
+            coef = options[coef_name]
+            if coef == 0:
+                continue
+            value = compute()
+            components[name] = value
+            weighted = coef * value if weighted is None else weighted + coef * value
+        return weighted, components
+
+    def __repr__(self) -> str:
+        return "moelora." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return quantization_extra_repr(self)

@@ -1,0 +1,148 @@
+"""Router losses of MOELORA as pure functions of one layer's routing (float32).
+
+Every function takes an optional `token_weight` of shape `(tokens,)` (1 for real tokens, 0 for padding) so that padding
+never counts, and avoids data-dependent shapes (no boolean indexing), so nothing forces a host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _token_mean(values: torch.Tensor, token_weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the token dimension (dim 0), counting only tokens with weight 1."""
+    if token_weight is None:
+        return values.mean(dim=0)
+    weight = token_weight.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * weight).sum(dim=0) / weight.sum().clamp_min(1.0)
+
+
+def expert_load(selected: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fraction of the routing decisions that went to each expert, `(num_experts,)`, summing to 1."""
+    load = _token_mean(selected.float(), token_weight)
+    return load / load.sum().clamp_min(torch.finfo(load.dtype).tiny)
+
+
+def load_balancing_loss(
+    probs: torch.Tensor, selected: torch.Tensor, token_weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Switch Transformer load-balancing loss `E * sum_e f_e * P_e` (arXiv 2101.03961, eq. 4).
+
+    `f_e` is the fraction of routing decisions sent to expert `e` (not differentiable) and `P_e` the mean router
+    probability of `e`. It equals 1 when routing is uniform and grows as it collapses. With top-k routing `f_e` counts
+    all k choices, normalised so that the balanced value stays 1 for every k.
+    """
+    num_experts = probs.shape[-1]
+    return num_experts * (expert_load(selected, token_weight) * _token_mean(probs, token_weight)).sum()
+
+
+def router_z_loss(logits: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ST-MoE router z-loss `mean_t logsumexp(logits_t)^2` (arXiv 2202.08906, eq. 5)."""
+    return _token_mean(torch.logsumexp(logits, dim=-1).square(), token_weight)
+
+
+def gate_balance_loss(gates: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MoLE gating-balance loss `-log prod_e q_e = -sum_e log q_e` (arXiv 2404.13628, eq. 14-16).
+
+    `q_e` is the mean gate weight of expert `e` over the batch. The loss is differentiable with respect to the gates
+    (unlike the released MoLE code) and is minimal when every expert gets the same mean weight.
+    """
+    mean_gate = _token_mean(gates, token_weight)
+    return -torch.log(mean_gate.clamp_min(torch.finfo(mean_gate.dtype).tiny)).sum()
+
+
+def router_entropy(probs: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean entropy (nats) of the per-token router distribution."""
+    entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(dim=-1)
+    return _token_mean(entropy, token_weight)
+
+
+def expert_contrastive_loss(
+    h: torch.Tensor,
+    lora_B: torch.Tensor,
+    selected: torch.Tensor,
+    temperature: float,
+    token_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """InfoNCE contrastive loss over expert outputs (MoELoRA, arXiv 2402.12851), computed in rank space.
+
+    Let `y[t, e] = B_e h[t, e]` be the output of expert `e` for token `t` and `u[t, e]` its unit vector. For every
+    selected pair `(t, e)` the positive is the prototype of the same expert, `p_e = normalize(mean_t u[t, e])` over the
+    tokens routed to `e`, and the negatives are the prototypes of the other experts that received tokens:
+
+        loss = mean_{(t, e) selected} -log softmax_f(<u[t, e], p_f> / temperature)[e]
+
+    This pulls each expert's outputs together and pushes different experts apart, so experts learn distinct
+    features. All inner products are taken through the Gram matrix `B_e^T B_f` (`(E, r, E, r)`), so the
+    `(tokens, E, out)` expert outputs are never materialised: the cost is `O(tokens * E^2 * r)` instead of
+    `O(tokens * E * out)`.
+
+    Args:
+        h: `(tokens, E, r)` expert inputs `A_e x_t` (before gating and scaling).
+        lora_B: `(E, out, r)` stacked B matrices.
+        selected: `(tokens, E)` bool, the pairs that take part (top-k selection).
+        temperature: InfoNCE temperature.
+        token_weight: `(tokens,)` 1 for real tokens, 0 for padding.
+    """
+    num_experts = h.shape[1]
+    if num_experts < 2:
+        return h.new_zeros((), dtype=torch.float32)
+    h = h.float()
+    lora_B = lora_B.float()
+    gram = torch.einsum("eor,fos->erfs", lora_B, lora_B)  # (E, r, E, r): B_e^T B_f
+    gram_diag = torch.einsum("eor,eos->ers", lora_B, lora_B)  # (E, r, r): B_e^T B_e
+    tiny = 1e-12
+    norm_sq = torch.einsum("ter,ers,tes->te", h, gram_diag, h)  # (tokens, E): |y[t, e]|^2
+    h_unit = h * norm_sq.clamp_min(tiny).rsqrt().unsqueeze(-1)  # coefficients of u[t, e] in the basis of B_e
+
+    pair_weight = selected.float()
+    if token_weight is not None:
+        pair_weight = pair_weight * token_weight.float().unsqueeze(-1)
+    count = pair_weight.sum(dim=0)  # (E,)
+    proto = torch.einsum("te,ter->er", pair_weight, h_unit) / count.clamp_min(1.0).unsqueeze(-1)  # (E, r)
+    proto_norm_sq = torch.einsum("er,ers,es->e", proto, gram_diag, proto)
+    proto = proto * proto_norm_sq.clamp_min(tiny).rsqrt().unsqueeze(-1)
+
+    gram_proto = torch.einsum("erfs,fs->erf", gram, proto)  # (E, r, E): B_e^T p_f
+    sim = torch.einsum("ter,erf->tef", h_unit, gram_proto) / temperature  # (tokens, E, E): <u[t, e], p_f> / T
+    # Experts that received no token have no prototype and are no negatives.
+    sim = sim.masked_fill((count == 0).view(1, 1, -1), torch.finfo(sim.dtype).min)
+    target = torch.arange(num_experts, device=h.device).expand(h.shape[0], -1)
+    nll = F.cross_entropy(sim.flatten(0, 1), target.flatten(), reduction="none").view_as(pair_weight)
+    return (nll * pair_weight).sum() / pair_weight.sum().clamp_min(1.0)
+
+
+def expert_contrastive_loss_reference(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    selected: torch.Tensor,
+    temperature: float,
+    token_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The same loss computed the plain way, materialising every expert output; the reference for tests."""
+    num_experts = lora_A.shape[0]
+    outputs = torch.stack([x @ lora_A[e].T @ lora_B[e].T for e in range(num_experts)], dim=1)  # (tokens, E, out)
+    unit = F.normalize(outputs, dim=-1, eps=1e-30)
+    losses, weights = [], []
+    keep = selected.clone()
+    if token_weight is not None:
+        keep &= token_weight.bool().unsqueeze(-1)
+    protos = []
+    for e in range(num_experts):
+        rows = unit[keep[:, e], e]
+        protos.append(F.normalize(rows.mean(0), dim=-1, eps=1e-30) if len(rows) else None)
+    active = [e for e in range(num_experts) if protos[e] is not None]
+    for t in range(x.shape[0]):
+        for e in range(num_experts):
+            if not keep[t, e]:
+                continue
+            sims = torch.stack([unit[t, e] @ protos[f] for f in active]) / temperature
+            losses.append(-torch.log_softmax(sims, dim=0)[active.index(e)])
+            weights.append(1.0)
+    if not losses:
+        return x.new_zeros(())
+    return torch.stack(losses).sum() / sum(weights)
