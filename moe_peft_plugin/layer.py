@@ -166,7 +166,7 @@ class MoeLoraLayer(BaseTunerLayer):
         raise MoeLoraMergeError(MERGE_ERROR_MESSAGE)
 
     def unmerge(self) -> None:
-        warnings.warn("MOELORA adapters are never merged; nothing to unmerge.")
+        warnings.warn("MOELORA adapters are never merged; nothing to unmerge.", stacklevel=2)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         raise MoeLoraMergeError(MERGE_ERROR_MESSAGE)
@@ -253,21 +253,28 @@ class Linear(nn.Module, MoeLoraLayer):
         if routing is not None and context is not None:
             token_weight = context.token_weight(batch_shape)
             weighted_loss, components = self._router_losses(routing, h, lora_B, token_weight, options)
-            if weighted_loss is not None:
-                result = inject_router_loss(result, weighted_loss, context)
+            if weighted_loss is not None and weighted_loss.requires_grad:
+                if record:
+                    context.add_loss(self, adapter_name, weighted_loss)
+                elif context.needs_injection(self, adapter_name):
+                    # Recomputed by reentrant gradient checkpointing: the original forward ran without a graph.
+                    result = inject_router_loss(result, weighted_loss, context)
             if record:
-                context.records.append(
-                    RouterRecord(
-                        layer=self,
-                        adapter_name=adapter_name,
-                        expert_load=losses.expert_load(routing.selected, token_weight).detach(),
-                        entropy=losses.router_entropy(routing.probs, token_weight).detach(),
-                        losses={name: value.detach() for name, value in components.items()},
-                        weighted_loss=(
-                            weighted_loss.detach() if weighted_loss is not None else routing.probs.new_zeros(())
-                        ),
+                # Statistics only: computed without autograd, so that a checkpointed recomputation (which records
+                # nothing) saves exactly the same tensors as the original forward.
+                with torch.no_grad():
+                    context.records.append(
+                        RouterRecord(
+                            layer=self,
+                            adapter_name=adapter_name,
+                            expert_load=losses.expert_load(routing.selected, token_weight),
+                            entropy=losses.router_entropy(routing.probs, token_weight),
+                            losses={name: value.detach() for name, value in components.items()},
+                            weighted_loss=(
+                                weighted_loss.detach() if weighted_loss is not None else routing.probs.new_zeros(())
+                            ),
+                        )
                     )
-                )
         return result
 
     @staticmethod

@@ -89,18 +89,19 @@ def expert_contrastive_loss(
     """
     num_experts = h.shape[1]
     if num_experts < 2:
-        return h.new_zeros((), dtype=torch.float32)
-    h = h.float()
-    lora_B = lora_B.float()
+        return h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    h = h.to(dtype)
+    lora_B = lora_B.to(dtype)
     gram = torch.einsum("eor,fos->erfs", lora_B, lora_B)  # (E, r, E, r): B_e^T B_f
     gram_diag = torch.einsum("eor,eos->ers", lora_B, lora_B)  # (E, r, r): B_e^T B_e
     tiny = 1e-12
     norm_sq = torch.einsum("ter,ers,tes->te", h, gram_diag, h)  # (tokens, E): |y[t, e]|^2
     h_unit = h * norm_sq.clamp_min(tiny).rsqrt().unsqueeze(-1)  # coefficients of u[t, e] in the basis of B_e
 
-    pair_weight = selected.float()
+    pair_weight = selected.to(dtype)
     if token_weight is not None:
-        pair_weight = pair_weight * token_weight.float().unsqueeze(-1)
+        pair_weight = pair_weight * token_weight.to(dtype).unsqueeze(-1)
     count = pair_weight.sum(dim=0)  # (E,)
     proto = torch.einsum("te,ter->er", pair_weight, h_unit) / count.clamp_min(1.0).unsqueeze(-1)  # (E, r)
     proto_norm_sq = torch.einsum("er,ers,es->e", proto, gram_diag, proto)
@@ -113,36 +114,3 @@ def expert_contrastive_loss(
     target = torch.arange(num_experts, device=h.device).expand(h.shape[0], -1)
     nll = F.cross_entropy(sim.flatten(0, 1), target.flatten(), reduction="none").view_as(pair_weight)
     return (nll * pair_weight).sum() / pair_weight.sum().clamp_min(1.0)
-
-
-def expert_contrastive_loss_reference(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    selected: torch.Tensor,
-    temperature: float,
-    token_weight: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """The same loss computed the plain way, materialising every expert output; the reference for tests."""
-    num_experts = lora_A.shape[0]
-    outputs = torch.stack([x @ lora_A[e].T @ lora_B[e].T for e in range(num_experts)], dim=1)  # (tokens, E, out)
-    unit = F.normalize(outputs, dim=-1, eps=1e-30)
-    losses, weights = [], []
-    keep = selected.clone()
-    if token_weight is not None:
-        keep &= token_weight.bool().unsqueeze(-1)
-    protos = []
-    for e in range(num_experts):
-        rows = unit[keep[:, e], e]
-        protos.append(F.normalize(rows.mean(0), dim=-1, eps=1e-30) if len(rows) else None)
-    active = [e for e in range(num_experts) if protos[e] is not None]
-    for t in range(x.shape[0]):
-        for e in range(num_experts):
-            if not keep[t, e]:
-                continue
-            sims = torch.stack([unit[t, e] @ protos[f] for f in active]) / temperature
-            losses.append(-torch.log_softmax(sims, dim=0)[active.index(e)])
-            weights.append(1.0)
-    if not losses:
-        return x.new_zeros(())
-    return torch.stack(losses).sum() / sum(weights)

@@ -22,7 +22,7 @@ from .config import MoeLoraConfig, expand_per_layer
 from .layer import MERGE_ERROR_MESSAGE, Linear, MoeLoraLayer, MoeLoraMergeError
 from .mole import LoraExperts, load_lora_experts
 from .registration import PREFIX
-from .state import ForwardContext, RoutingState, aux_loss_anchor
+from .state import ForwardContext, RoutingState, build_aux_loss
 
 
 # Expected number of dimensions of each adapter tensor in a state dict; anything else (notably the empty (0,) tensors
@@ -223,9 +223,12 @@ class MoeLoraModel(BaseTuner):
             state.active = previous
         if previous is None:
             self._last_records = context.records
-        if context.records and isinstance(outputs, dict):
-            device = context.records[0].weighted_loss.device
-            aux_loss = aux_loss_anchor(context, device)
+        if isinstance(outputs, dict):
+            if context.records:
+                device = context.records[0].weighted_loss.device
+            else:
+                device = next((v.device for v in outputs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+            aux_loss = build_aux_loss(context, device)
             if outputs.get("aux_loss") is not None:
                 aux_loss = outputs["aux_loss"] + aux_loss
             outputs["aux_loss"] = aux_loss

@@ -33,8 +33,8 @@ class _Fp32Linear(torch.autograd.Function):
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Router logits `x @ weight.T` in float32, whatever the dtypes of `x` and `weight`."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+    """Router logits `x @ weight.T` in float32 (or float64 when both are float64), whatever the input dtypes."""
+    if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64):
         return F.linear(x, weight)
     return _Fp32Linear.apply(x, weight)
 
@@ -144,11 +144,3 @@ def expert_up(h: torch.Tensor, gates: torch.Tensor, lora_B: torch.Tensor) -> tor
     """
     weight = lora_B.permute(1, 0, 2).flatten(1)  # (out, E*r)
     return _GatedExpertUp.apply(h, gates.to(h.dtype), weight)
-
-
-def expert_reference(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """Plain per-expert loop computing `sum_e gates[:, e] * B_e A_e x`; the reference the fast path is tested against."""
-    out = torch.zeros(*x.shape[:-1], lora_B.shape[1], dtype=x.dtype, device=x.device)
-    for e in range(lora_A.shape[0]):
-        out = out + gates[..., e : e + 1].to(x.dtype) * (x @ lora_A[e].T @ lora_B[e].T)
-    return out

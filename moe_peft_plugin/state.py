@@ -1,21 +1,21 @@
 """How the router losses of the layers reach the loss and the gradient, in every gradient-checkpointing mode.
 
-The layers compute their router losses where the routing happens. Two things are needed from them:
+The layers compute their router losses where the routing happens, and record them in the [`ForwardContext`] of the
+running forward. `MoeLoraModel.forward` sums them into `outputs.aux_loss` (and adds that to `outputs.loss`).
 
-1. The *value* of the weighted router losses of one forward, for `outputs.aux_loss` and logging. Each layer records it
-   (detached) in the [`ForwardContext`] of the running forward.
-2. Their *gradient*, whenever the router losses are part of the loss the user backpropagates. Collecting the loss
-   tensors from the layers does not work under reentrant gradient checkpointing (the first pass runs under
-   `no_grad`, so the collected tensors have no graph). Instead each layer injects the gradient of its own router loss
-   in its backward pass (DeepSeek-V2's `AddAuxiliaryLoss` idea), which works with no checkpointing, non-reentrant and
-   reentrant checkpointing alike.
-
-The injected gradient must be scaled like the rest of the loss (gradient accumulation, fp16 loss scaling, a user
-who writes `loss / 4`). `outputs.aux_loss` is therefore an *anchor*: a scalar whose value is the detached sum of the
-layers' losses and whose backward records the gradient that reaches it. Because the anchor is created after the
-whole model forward, autograd runs its backward before that of any layer, and each layer multiplies its injected
-gradient by the recorded value. If the loss the user backpropagates does not contain `outputs.aux_loss` (nor
-`outputs.loss`, which includes it), the routers get no router-loss gradient, exactly as with transformers' MoE models.
+- A layer that runs with autograd enabled (no checkpointing, or non-reentrant checkpointing) records its weighted loss
+  *with* its graph: `outputs.aux_loss` is an ordinary differentiable sum, and whatever the user does with it
+  (`loss / grad_accum`, fp16 loss scaling, DeepSpeed) applies to the router losses exactly as to the rest.
+- Under reentrant checkpointing the first pass of a checkpointed block runs under `no_grad`, so the recorded loss has
+  no graph; the graph only exists when the block is recomputed during the backward pass. For those layers each layer
+  injects the gradient of its own router loss into its backward pass during the recomputation (DeepSeek-V2's
+  `AddAuxiliaryLoss` idea). To scale it like the rest of the loss, `outputs.aux_loss` contains an *anchor*: a node
+  whose backward records the gradient that reaches `aux_loss`. It is created after the whole model forward, so
+  autograd runs it before the checkpointed blocks are recomputed, and each layer multiplies its injected gradient by
+  the recorded value. The gradient of the checkpointed layers' router losses is therefore delivered through the
+  backward pass of the model output: backpropagate a loss that contains both the model output and `aux_loss` (as
+  `outputs.loss` does). If the loss does not contain `aux_loss`, the routers get no router-loss gradient, exactly as
+  with transformers' MoE models.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ class ForwardContext:
     attention_mask: Optional[torch.Tensor] = None
     cell: _GradientCell = field(default_factory=_GradientCell)
     records: list[RouterRecord] = field(default_factory=list)
+    # Weighted losses recorded with their autograd graph, and the (layer, adapter) pairs that recorded them: those
+    # must not inject their gradient again when a non-reentrant checkpoint recomputes them.
+    graph_losses: list[torch.Tensor] = field(default_factory=list)
+    graph_layers: set[tuple[int, str]] = field(default_factory=set)
 
     def token_weight(self, batch_shape: torch.Size) -> Optional[torch.Tensor]:
         """Per-token weight (1 real, 0 padding), flattened, for a layer input with leading dims `batch_shape`."""
@@ -69,11 +73,14 @@ class ForwardContext:
         # With a KV cache the mask covers past and current tokens; the layer sees only the current ones.
         return mask[:, -seq_len:].reshape(-1)
 
-    def aux_loss(self, device: torch.device) -> torch.Tensor:
-        total = torch.zeros((), device=device, dtype=torch.float32)
-        for record in self.records:
-            total = total + record.weighted_loss.to(device)
-        return total
+    def add_loss(self, layer: torch.nn.Module, adapter_name: str, weighted_loss: torch.Tensor) -> None:
+        """Called by a layer in the original forward for a loss that has an autograd graph."""
+        self.graph_losses.append(weighted_loss)
+        self.graph_layers.add((id(layer), adapter_name))
+
+    def needs_injection(self, layer: torch.nn.Module, adapter_name: str) -> bool:
+        """Whether a recomputed layer must inject its loss gradient (its original forward had no graph)."""
+        return (id(layer), adapter_name) not in self.graph_layers
 
 
 class RoutingState:
@@ -127,24 +134,34 @@ def inject_router_loss(output: torch.Tensor, loss: torch.Tensor, context: Forwar
 
 
 class _AuxLossAnchor(torch.autograd.Function):
+    """`graph_loss + value`; records the gradient that reaches it for the layers that inject theirs."""
+
     @staticmethod
-    def forward(ctx, value: torch.Tensor, dummy: torch.Tensor, cell: _GradientCell) -> torch.Tensor:
+    def forward(ctx, graph_loss: torch.Tensor, value: torch.Tensor, cell: _GradientCell) -> torch.Tensor:
         ctx.cell = cell
-        return value.detach().clone()
+        return graph_loss.detach() + value
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         ctx.cell.add(grad.detach())
-        return None, None, None
+        return grad, None, None
 
 
-def aux_loss_anchor(context: ForwardContext, device: torch.device) -> torch.Tensor:
-    """`outputs.aux_loss` of a forward: its value is the weighted router loss; see the module docstring."""
-    value = context.aux_loss(device)
+def build_aux_loss(context: ForwardContext, device: torch.device) -> torch.Tensor:
+    """`outputs.aux_loss` of a forward: the sum of the weighted router losses; see the module docstring."""
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    for record in context.records:
+        total = total + record.weighted_loss.to(device)
     if not torch.is_grad_enabled():
-        return value
-    dummy = torch.zeros((), device=device, requires_grad=True)
-    return _AuxLossAnchor.apply(value, dummy, context.cell)
+        return total
+    graph_loss = sum((loss.to(device) for loss in context.graph_losses), torch.zeros((), device=device))
+    context.graph_losses = []  # the context outlives the forward; do not keep the graph alive through it
+    num_without_graph = len(context.records) - len(context.graph_losses)
+    if num_without_graph == 0:
+        return graph_loss
+    if not graph_loss.requires_grad:
+        graph_loss = torch.zeros((), device=device, requires_grad=True)
+    return _AuxLossAnchor.apply(graph_loss, total - graph_loss.detach(), context.cell)
 
 
 def summarize_records(records: list[RouterRecord]) -> dict[str, Any]:

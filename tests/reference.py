@@ -1,0 +1,70 @@
+"""Plain, loop-based reference implementations of the MOELORA math, used to check the fast paths (in float64)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_gates(x, router, top_k, router_type, temperature=1.0, expert_mask=None):
+    """Per-token loop: softmax over (masked) logits, then top-k renormalised (raw prob for k=1) or dense."""
+    logits = (x @ router.T) / temperature
+    if expert_mask is not None:
+        logits = logits.masked_fill(~expert_mask, float("-inf"))
+    probs = logits.softmax(-1)
+    num_experts = router.shape[0]
+    gates = torch.zeros_like(probs)
+    for t in range(x.shape[0]):
+        if router_type == "soft" or top_k >= num_experts:
+            gates[t] = probs[t]
+            continue
+        order = sorted(range(num_experts), key=lambda e: -logits[t, e].item())[:top_k]
+        weight = probs[t, order]
+        if top_k > 1:
+            weight = weight / weight.sum()
+        for e, w in zip(order, weight):
+            gates[t, e] = w
+    return gates, probs, logits
+
+
+def reference_layer(x, weight, lora_A, lora_B, router, top_k, router_type, scaling, temperature=1.0, expert_mask=None):
+    """base(x) + scaling * sum_e gate_e(x) * B_e A_e x, one expert at a time."""
+    gates, probs, logits = reference_gates(x, router, top_k, router_type, temperature, expert_mask)
+    out = x @ weight.T
+    for e in range(lora_A.shape[0]):
+        out = out + scaling * gates[:, e : e + 1] * (x @ lora_A[e].T @ lora_B[e].T)
+    return out, gates, probs, logits
+
+
+def reference_load_balancing(probs, gates, token_weight=None):
+    num_experts = probs.shape[-1]
+    keep = torch.ones(probs.shape[0], dtype=torch.bool) if token_weight is None else token_weight.bool()
+    selected = (gates > 0).float()[keep]
+    f = selected.sum(0) / selected.sum()
+    p = probs[keep].mean(0)
+    return num_experts * (f * p).sum()
+
+
+def reference_contrastive(x, lora_A, lora_B, selected, temperature, token_weight: Optional[torch.Tensor] = None):
+    """InfoNCE against per-expert prototypes, materialising every expert output (tokens, E, out)."""
+    num_experts = lora_A.shape[0]
+    outputs = torch.stack([x @ lora_A[e].T @ lora_B[e].T for e in range(num_experts)], dim=1)
+    unit = F.normalize(outputs, dim=-1, eps=1e-30)
+    keep = selected.clone()
+    if token_weight is not None:
+        keep &= token_weight.bool().unsqueeze(-1)
+    protos = {}
+    for e in range(num_experts):
+        rows = unit[keep[:, e], e]
+        if len(rows):
+            protos[e] = F.normalize(rows.mean(0), dim=-1, eps=1e-30)
+    active = sorted(protos)
+    losses = []
+    for t in range(x.shape[0]):
+        for e in range(num_experts):
+            if keep[t, e]:
+                sims = torch.stack([unit[t, e] @ protos[f] for f in active]) / temperature
+                losses.append(-torch.log_softmax(sims, dim=0)[active.index(e)])
+    return torch.stack(losses).mean() if losses else x.new_zeros(())

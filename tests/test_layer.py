@@ -1,0 +1,224 @@
+"""The fast MOELORA layer against plain per-expert reference implementations, in float64, forward and backward."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from moe_peft_plugin import MoeLoraConfig
+from moe_peft_plugin import losses as L
+from moe_peft_plugin.routing import route, router_logits
+
+from .reference import reference_contrastive, reference_layer, reference_load_balancing
+
+
+class Tiny(nn.Module):
+    def __init__(self, d_in=16, d_out=12):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+# name, config kwargs, expert mask (or None)
+LAYER_CASES = [
+    ("topk-4-2", {"num_experts": 4, "top_k": 2}, None),
+    ("topk-8-2-temp", {"num_experts": 8, "top_k": 2, "router_temperature": 0.7}, None),
+    ("topk-4-1", {"num_experts": 4, "top_k": 1}, None),
+    ("topk-4-4", {"num_experts": 4, "top_k": 4}, None),
+    ("soft-3", {"num_experts": 3, "router_type": "soft"}, None),
+    ("soft-3-learned-temp", {"num_experts": 3, "router_type": "soft", "learn_router_temperature": True}, None),
+    ("single-expert", {"num_experts": 1, "top_k": 1}, None),
+    ("rslora-r4", {"num_experts": 4, "top_k": 2, "r": 4, "lora_alpha": 16, "use_rslora": True}, None),
+    ("masked-soft", {"num_experts": 4, "router_type": "soft"}, [True, False, True, True]),
+    ("masked-topk", {"num_experts": 4, "top_k": 2}, [False, True, True, True]),
+]
+
+
+def _make(kwargs, seed=0):
+    torch.manual_seed(seed)
+    model = Tiny().double()
+    config = MoeLoraConfig(target_modules=["lin"], init_weights=False, aux_loss_coef=0.0, **kwargs)
+    return get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("name,kwargs,mask", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
+def test_forward_backward_match_reference(name, kwargs, mask):
+    model = _make(kwargs)
+    layer = model.base_model.model.lin
+    if mask is not None:
+        model.set_expert_mask([i for i, keep in enumerate(mask) if keep])
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    cotangent = torch.randn_like(out)
+    (out * cotangent).sum().backward()
+
+    params = {
+        "A": layer.moelora_A["default"].detach().clone().requires_grad_(),
+        "B": layer.moelora_B["default"].detach().clone().requires_grad_(),
+    }
+    num_experts = params["A"].shape[0]
+    has_router = num_experts > 1
+    if has_router:
+        params["router"] = layer.moelora_router["default"].detach().clone().requires_grad_()
+    temperature = kwargs.get("router_temperature", 1.0)
+    if "default" in layer.moelora_log_temperature:
+        params["log_t"] = layer.moelora_log_temperature["default"].detach().clone().requires_grad_()
+        temperature = params["log_t"].exp()
+    x_ref = x.detach().clone().requires_grad_()
+    tokens = x_ref.reshape(-1, 16)
+    router = params.get("router", torch.zeros(1, 16, dtype=torch.float64))
+    expert_mask = None if mask is None else torch.tensor(mask)
+    ref, gates, _, _ = reference_layer(
+        tokens,
+        layer.base_layer.weight.detach(),
+        params["A"],
+        params["B"],
+        router,
+        layer.top_k["default"],
+        layer.routing_options["default"]["router_type"],
+        layer.scaling["default"],
+        temperature,
+        expert_mask,
+    )
+    ref = ref.reshape_as(out)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    (ref * cotangent).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.moelora_A["default"].grad, params["A"].grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.moelora_B["default"].grad, params["B"].grad, rtol=1e-9, atol=1e-10)
+    if has_router:
+        torch.testing.assert_close(layer.moelora_router["default"].grad, params["router"].grad, rtol=1e-9, atol=1e-10)
+        assert layer.moelora_router["default"].grad.abs().sum() > 0, "the router must get a gradient from the output"
+    if "log_t" in params:
+        torch.testing.assert_close(layer.moelora_log_temperature["default"].grad, params["log_t"].grad)
+    if expert_mask is not None:
+        assert torch.all(gates[:, ~expert_mask] == 0)
+        torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[0], dtype=gates.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_router_logits_fp32_and_gradient(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 8, dtype=dtype, requires_grad=True)
+    logits = router_logits(x, w)
+    assert logits.dtype == torch.float32
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = x64 @ w64.T
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(logits)
+    (logits * g).sum().backward()
+    (ref * g.double()).sum().backward()
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("router_type,top_k", [("topk", 2), ("topk", 1), ("soft", 4)])
+def test_load_balancing_matches_reference_and_excludes_padding(router_type, top_k):
+    torch.manual_seed(0)
+    logits = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    token_weight = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
+    routing = route(logits, top_k, router_type)
+    loss = L.load_balancing_loss(routing.probs, routing.selected, token_weight)
+    if router_type == "soft":
+        gates_for_count = torch.zeros_like(routing.probs).scatter(-1, routing.probs.argmax(-1, keepdim=True), 1.0)
+    else:
+        gates_for_count = routing.gates
+    ref = reference_load_balancing(routing.probs, gates_for_count, token_weight)
+    torch.testing.assert_close(loss, ref)
+    # Padding does not count: changing the logits of padded tokens changes nothing.
+    logits2 = logits.detach().clone()
+    logits2[:3] = torch.randn(3, 4, dtype=torch.float64) * 10
+    routing2 = route(logits2, top_k, router_type)
+    torch.testing.assert_close(L.load_balancing_loss(routing2.probs, routing2.selected, token_weight), loss.detach())
+    loss.backward()
+    assert logits.grad[3:].abs().sum() > 0 and logits.grad[:3].abs().sum() == 0
+
+
+def test_load_balancing_is_one_when_uniform_and_grows_with_collapse():
+    uniform = torch.zeros(8, 4, dtype=torch.float64)
+    uniform_routing = route(uniform + torch.arange(8).remainder(4).view(-1, 1).eq(torch.arange(4)) * 1e-9, 2, "topk")
+    assert abs(L.load_balancing_loss(uniform_routing.probs, uniform_routing.selected).item() - 1.0) < 1e-6
+    collapsed = torch.tensor([[5.0, 4.0, 0.0, 0.0]], dtype=torch.float64).repeat(8, 1)
+    r = route(collapsed, 2, "topk")
+    assert L.load_balancing_loss(r.probs, r.selected).item() > 1.5
+
+
+def test_z_loss_and_gate_balance_formulas():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3, dtype=torch.float64)
+    token_weight = torch.tensor([1, 1, 0, 1, 1, 1])
+    keep = token_weight.bool()
+    torch.testing.assert_close(
+        L.router_z_loss(logits, token_weight), torch.logsumexp(logits[keep], -1).square().mean()
+    )
+    gates = logits.softmax(-1)
+    q = gates[keep].mean(0)
+    torch.testing.assert_close(L.gate_balance_loss(gates, token_weight), -torch.log(q.prod()))
+    # -log prod q is minimal (E log E) when the mean gates are uniform.
+    uniform = torch.full((4, 3), 1 / 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        L.gate_balance_loss(uniform), torch.tensor(3 * torch.log(torch.tensor(3.0)).item(), dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_contrastive_loss_matches_materialised_reference(top_k, with_padding):
+    torch.manual_seed(top_k)
+    num_experts, r, d_in, d_out, tokens = 4, 3, 10, 9, 12
+    x = torch.randn(tokens, d_in, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(num_experts, r, d_in, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(num_experts, d_out, r, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(tokens, num_experts, dtype=torch.float64)
+    selected = route(logits, top_k, "topk").selected
+    token_weight = (torch.arange(tokens) >= 4).long() if with_padding else None
+    h = torch.einsum("ti,eri->ter", x, A)
+    fast = L.expert_contrastive_loss(h, B, selected, temperature=0.1, token_weight=token_weight)
+    ref = reference_contrastive(x, A, B, selected, temperature=0.1, token_weight=token_weight)
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-6, atol=1e-8)
+    grads_fast = torch.autograd.grad(fast, (x, A, B))
+    grads_ref = torch.autograd.grad(ref, (x, A, B))
+    for g_fast, g_ref in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(g_fast.double(), g_ref, rtol=1e-5, atol=1e-8)
+    assert all(g.abs().sum() > 0 for g in grads_fast)
+
+
+def test_contrastive_loss_is_finite_for_zero_experts_and_single_expert():
+    h = torch.randn(5, 4, 2, requires_grad=True)
+    B = torch.zeros(4, 6, 2, requires_grad=True)
+    selected = torch.ones(5, 4, dtype=torch.bool)
+    loss = L.expert_contrastive_loss(h, B, selected, 0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all() and torch.isfinite(B.grad).all()
+    assert L.expert_contrastive_loss(h[:, :1], B[:1], selected[:, :1], 0.1).item() == 0.0
+
+
+def test_init_weights_true_is_identity_and_false_is_not():
+    x = torch.randn(3, 16, dtype=torch.float64)
+    for init, identity in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        base = Tiny().double()
+        expected = base(x)
+        model = get_peft_model(base, MoeLoraConfig(target_modules=["lin"], init_weights=init))
+        assert torch.allclose(model(x), expected) == identity
+
+
+def test_expert_mask_validation():
+    model = _make({"num_experts": 4, "top_k": 2})
+    with pytest.raises(ValueError, match="out of range"):
+        model.set_expert_mask([0, 5])
+    with pytest.raises(ValueError, match="at least one"):
+        model.set_expert_mask([])
+    with pytest.raises(ValueError, match="Unknown expert"):
+        model.set_expert_mask(["nope"])
+    layer = model.base_model.model.lin
+    assert layer.expert_mask["default"] is None
+    with model.expert_mask([1]):
+        assert layer.expert_mask["default"].tolist() == [False, True, False, False]
+    assert layer.expert_mask["default"] is None

@@ -1,0 +1,263 @@
+"""MOELORA on a tiny Llama through the whole peft API. One table of configs; every check runs on every row."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from moe_peft_plugin import MoeLoraConfig, MoeLoraMergeError
+
+from .helpers import batch, build_tiny_llama
+
+
+MODEL_CASES = [
+    (
+        "moelora-contrastive",
+        {
+            "num_experts": 4,
+            "top_k": 2,
+            "target_modules": "all-linear",
+            "contrastive_loss_coef": 0.1,
+            "router_z_loss_coef": 1e-3,
+        },
+    ),
+    ("mola-2-4", {"num_experts": [2, 4], "top_k": [1, 2], "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    (
+        "soft-learned-temperature",
+        {
+            "num_experts": 3,
+            "router_type": "soft",
+            "learn_router_temperature": True,
+            "gate_balance_loss_coef": 0.05,
+            "target_modules": ["q_proj", "o_proj", "up_proj"],
+        },
+    ),
+    ("single-expert", {"num_experts": 1, "top_k": 1, "target_modules": ["q_proj", "gate_proj"]}),
+    (
+        "default-targets-rslora",
+        {"num_experts": 2, "top_k": 1, "use_rslora": True, "lora_alpha": 16, "aux_loss_coef": 0.1},
+    ),
+]
+IDS = [case[0] for case in MODEL_CASES]
+
+
+def _peft_model(kwargs, init_weights=False, adapter_seed=1):
+    base, tokenizer = build_tiny_llama(seed=0)
+    torch.manual_seed(adapter_seed)
+    config = MoeLoraConfig(task_type="CAUSAL_LM", init_weights=init_weights, **kwargs)
+    return get_peft_model(base, config), tokenizer
+
+
+def _lm_loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("name,kwargs", MODEL_CASES, ids=IDS)
+def test_save_and_load_reproduce_outputs(name, kwargs, tiny_model_dir, tmp_path):
+    model, tokenizer = _peft_model(kwargs)
+    model.eval()
+    inputs = batch(tokenizer)
+    expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert keys and all(".moelora_" in key for key in keys)
+    assert not any(".default." in key for key in keys), "adapter names are stripped from saved keys"
+
+    for trainable in (False, True):
+        base, _ = build_tiny_llama(seed=0)
+        loaded = PeftModel.from_pretrained(base, tmp_path, is_trainable=trainable)
+        loaded.eval()
+        assert loaded.peft_config["default"].peft_type == "MOELORA"
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=0)
+        assert any(p.requires_grad for p in loaded.parameters()) == trainable
+
+    # load_adapter: a second adapter next to the first; switching gives each adapter's own outputs.
+    other, _ = _peft_model(kwargs, adapter_seed=5)
+    other.eval()
+    other_logits = other(**inputs).logits
+    other.load_adapter(tmp_path, adapter_name="loaded")
+    other.set_adapter("loaded")
+    torch.testing.assert_close(other(**inputs).logits, expected, rtol=0, atol=0)
+    other.set_adapter("default")
+    torch.testing.assert_close(other(**inputs).logits, other_logits, rtol=0, atol=0)
+    other.delete_adapter("loaded")
+    assert "loaded" not in other.peft_config
+    torch.testing.assert_close(other(**inputs).logits, other_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,kwargs", MODEL_CASES, ids=IDS)
+def test_disable_unload_and_merge(name, kwargs):
+    model, tokenizer = _peft_model(kwargs)
+    model.eval()
+    inputs = batch(tokenizer)
+    base_copy, _ = build_tiny_llama(seed=0)
+    base_logits = base_copy(**inputs).logits
+    adapted = model(**inputs).logits
+    assert not torch.allclose(adapted, base_logits)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(**inputs).logits, base_logits, rtol=0, atol=0)
+    torch.testing.assert_close(model(**inputs).logits, adapted, rtol=0, atol=0)
+    with pytest.raises(MoeLoraMergeError, match="cannot be merged"):
+        model.merge_and_unload()
+    with pytest.raises(MoeLoraMergeError):
+        model.merge_adapter()
+    torch.testing.assert_close(model(**inputs).logits, adapted, rtol=0, atol=0)  # nothing was touched
+    unloaded = model.unload()
+    assert not any("moelora" in name for name, _ in unloaded.named_parameters())
+    torch.testing.assert_close(unloaded(**inputs).logits, base_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,kwargs", MODEL_CASES, ids=IDS)
+def test_outputs_carry_aux_loss_and_loss_includes_it(name, kwargs):
+    model, tokenizer = _peft_model(kwargs)
+    model.train()
+    inputs = batch(tokenizer)
+    torch.manual_seed(0)
+    out = model(**inputs, labels=inputs["input_ids"])
+    stats = model.get_routing_stats()
+    weighted = sum(s.weighted_loss for layer in stats.values() for s in layer.values())
+    torch.testing.assert_close(out.aux_loss.detach(), torch.as_tensor(weighted, dtype=torch.float32))
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    out = model(**inputs, labels=labels)
+    torch.testing.assert_close(out.loss, _lm_loss(out.logits, labels) + out.aux_loss, rtol=1e-6, atol=1e-6)
+    has_router = kwargs["num_experts"] != 1
+    assert bool(stats) == has_router
+    for layer_stats in stats.values():
+        for s in layer_stats.values():
+            assert torch.isclose(s.expert_load.sum(), torch.tensor(1.0)) and s.entropy >= 0
+
+
+@pytest.mark.parametrize("name,kwargs", MODEL_CASES, ids=IDS)
+def test_router_loss_gradient_identical_in_every_checkpointing_mode(name, kwargs):
+    model, tokenizer = _peft_model(kwargs)
+    inputs = batch(tokenizer)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+    def grads(mode, model, scale=1.0):
+        model = copy.deepcopy(model)
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if mode is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+            model.enable_input_require_grads()
+        out = model(**inputs, labels=labels)
+        (out.loss * scale).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference = grads(None, model)
+    assert reference and all(g.abs().sum() > 0 for g in reference.values())
+    for mode in ("non-reentrant", "reentrant"):
+        for scale in (1.0, 0.25):
+            got = grads(mode, model, scale)
+            assert got.keys() == reference.keys()
+            for key in reference:
+                torch.testing.assert_close(got[key], reference[key] * scale, rtol=1e-5, atol=1e-7, msg=f"{mode} {key}")
+
+    if kwargs["num_experts"] != 1:
+        # The router-loss part of the router gradient is real (not zero) in every mode.
+        no_aux = copy.deepcopy(model)
+        for module in no_aux.modules():
+            for options in getattr(module, "routing_options", {}).values():
+                for coef in ("aux_loss_coef", "router_z_loss_coef", "contrastive_loss_coef", "gate_balance_loss_coef"):
+                    options[coef] = 0.0
+        without = grads(None, no_aux)
+        router_keys = [k for k in reference if "moelora_router" in k]
+        assert any(not torch.allclose(reference[k], without[k]) for k in router_keys)
+
+
+@pytest.mark.parametrize("name,kwargs", MODEL_CASES, ids=IDS)
+def test_training_changes_every_trainable_tensor(name, kwargs):
+    model, tokenizer = _peft_model(kwargs, init_weights=True)
+    model.train()
+    inputs = batch(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert before and all("moelora_" in n for n in before)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert not unchanged
+
+
+@pytest.mark.parametrize("name,kwargs", MODEL_CASES, ids=IDS)
+def test_generation_with_kv_cache_matches_no_cache(name, kwargs):
+    model, tokenizer = _peft_model(kwargs)
+    model.eval()
+    inputs = batch(tokenizer)
+    kwargs_gen = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with_cache = model.generate(**inputs, use_cache=True, **kwargs_gen)
+    without_cache = model.generate(**inputs, use_cache=False, **kwargs_gen)
+    assert torch.equal(with_cache, without_cache)
+    assert with_cache.shape[1] == inputs["input_ids"].shape[1] + 6
+
+
+def test_padding_tokens_do_not_change_router_losses():
+    model, tokenizer = _peft_model(MODEL_CASES[0][1])
+    model.eval()
+    inputs = batch(tokenizer)
+    aux = model(**inputs).aux_loss
+    changed = dict(inputs)
+    changed["input_ids"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, 7)
+    torch.testing.assert_close(model(**changed).aux_loss, aux)
+    no_mask = {"input_ids": changed["input_ids"]}
+    assert not torch.allclose(model(**no_mask).aux_loss, aux)
+
+
+def test_multiple_adapters_route_independently():
+    model, tokenizer = _peft_model({"num_experts": 2, "top_k": 1, "target_modules": ["q_proj"]})
+    model.add_adapter(
+        "mola", MoeLoraConfig(num_experts=[2, 4], top_k=2, target_modules=["q_proj"], init_weights=False)
+    )
+    model.eval()
+    inputs = batch(tokenizer)
+    first = model(**inputs).logits
+    model.set_adapter("mola")
+    second = model(**inputs).logits
+    assert not torch.allclose(first, second)
+    layer = model.base_model.model.model.layers[3].self_attn.q_proj
+    assert layer.num_experts == {"default": 2, "mola": 4}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".mola" in n
+    }
+
+
+def test_saving_unGathered_zero3_shards_fails_loudly(tmp_path):
+    model, _ = _peft_model({"num_experts": 2, "top_k": 1, "target_modules": ["q_proj"]})
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.moelora_A["default"].data = torch.empty(0)  # what a ZeRO-3 partition looks like outside GatheredParameters
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        model.save_pretrained(target)
+    assert not (target / "adapter_model.safetensors").exists()
+
+
+def test_auto_peft_model_in_a_fresh_process(tiny_model_dir, tmp_path):
+    model, tokenizer = _peft_model(MODEL_CASES[1][1])
+    model.peft_config["default"].base_model_name_or_path = tiny_model_dir
+    model.eval()
+    inputs = batch(tokenizer)
+    torch.save({"inputs": inputs, "logits": model(**inputs).logits}, tmp_path / "expected.pt")
+    model.save_pretrained(tmp_path / "adapter")
+    code = f"""
+import torch, moe_peft_plugin
+from peft import AutoPeftModelForCausalLM
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+model = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}).eval()
+assert type(model.base_model).__name__ == "MoeLoraModel"
+torch.testing.assert_close(model(**expected["inputs"]).logits, expected["logits"], rtol=0, atol=0)
+print("OK")
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
