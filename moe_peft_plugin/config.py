@@ -293,21 +293,27 @@ class MoeLoraConfig(PeftConfig):
         _check_int_or_list("top_k", self.top_k)
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"`router_type` must be one of {ROUTER_TYPES} (or None), got {self.router_type!r}.")
-        if isinstance(self.num_experts, int) and isinstance(self.top_k, int) and self.top_k > self.num_experts:
-            raise ValueError(f"`top_k` ({self.top_k}) must not be larger than `num_experts` ({self.num_experts}).")
-        if (
-            isinstance(self.num_experts, list)
-            and isinstance(self.top_k, list)
-            and len(self.top_k) == len(self.num_experts)
-        ):
-            for i, (k, e) in enumerate(zip(self.top_k, self.num_experts)):
-                if k > e:
-                    raise ValueError(f"`top_k[{i}]` ({k}) must not be larger than `num_experts[{i}]` ({e}).")
-        if isinstance(self.top_k, int) and isinstance(self.num_experts, list) and self.top_k > min(self.num_experts):
-            raise ValueError(
-                f"`top_k` ({self.top_k}) must not be larger than the smallest entry of `num_experts` "
-                f"({min(self.num_experts)}); pass `top_k` as a list to use a different k per layer."
-            )
+        # With soft routing every expert is used and `top_k` is ignored.
+        if self.router_type == "topk":
+            if isinstance(self.num_experts, int) and isinstance(self.top_k, int) and self.top_k > self.num_experts:
+                raise ValueError(f"`top_k` ({self.top_k}) must not be larger than `num_experts` ({self.num_experts}).")
+            if (
+                isinstance(self.num_experts, list)
+                and isinstance(self.top_k, list)
+                and len(self.top_k) == len(self.num_experts)
+            ):
+                for i, (k, e) in enumerate(zip(self.top_k, self.num_experts)):
+                    if k > e:
+                        raise ValueError(f"`top_k[{i}]` ({k}) must not be larger than `num_experts[{i}]` ({e}).")
+            if (
+                isinstance(self.top_k, int)
+                and isinstance(self.num_experts, list)
+                and self.top_k > min(self.num_experts)
+            ):
+                raise ValueError(
+                    f"`top_k` ({self.top_k}) must not be larger than the smallest entry of `num_experts` "
+                    f"({min(self.num_experts)}); pass `top_k` as a list to use a different k per layer."
+                )
         for name in ("router_temperature", "contrastive_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -333,7 +339,7 @@ class MoeLoraConfig(PeftConfig):
                     f"({len(self.expert_adapters)}), or be left unset."
                 )
             self.num_experts = len(self.expert_adapters)
-            if isinstance(self.top_k, int) and self.top_k > self.num_experts:
+            if self.router_type == "topk" and isinstance(self.top_k, int) and self.top_k > self.num_experts:
                 raise ValueError(
                     f"`top_k` ({self.top_k}) must not be larger than the number of `expert_adapters` "
                     f"({self.num_experts})."
@@ -349,6 +355,13 @@ class MoeLoraConfig(PeftConfig):
             raise ValueError(
                 f"`expert_names` has {len(self.expert_names)} entries but there are {self.num_experts} experts."
             )
+
+    def to_dict(self) -> dict:
+        config = super().to_dict()
+        if self.expert_names is not None and self.expert_adapters:
+            # The experts were copied into the adapter: the saved checkpoint must not depend on the LoRA folders.
+            config["expert_adapters"] = None
+        return config
 
     @property
     def _explicit(self) -> set[str]:

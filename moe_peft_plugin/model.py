@@ -62,6 +62,13 @@ def _layer_index(key: str, layers_pattern: Union[str, list[str], None]) -> Optio
     return int(match.group("idx")) if match else None
 
 
+def _device_of(outputs: Any, context: ForwardContext) -> torch.device:
+    if context.records:
+        return context.records[0].weighted_loss.device
+    values = outputs.values() if isinstance(outputs, dict) else [outputs]
+    return next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
 def _num_layers(model_config: dict) -> Optional[int]:
     for config in (model_config, model_config.get("text_config") or {}):
         for name in ("num_hidden_layers", "num_layers", "n_layer"):
@@ -107,6 +114,9 @@ class MoeLoraModel(BaseTuner):
         self.__dict__.setdefault("_routing_state", RoutingState())
         self.__dict__.setdefault("_pending_experts", {})
         self.__dict__.setdefault("_last_records", [])
+        self.__dict__.setdefault("_last_aux_loss", None)
+        if "_routing_hooks" not in self.__dict__:
+            self._register_routing_hooks(model)
 
     def _prepare_adapter_config(self, peft_config: MoeLoraConfig, model_config: dict) -> MoeLoraConfig:
         if peft_config.expert_adapters:
@@ -129,7 +139,7 @@ class MoeLoraModel(BaseTuner):
             experts_per_layer = expand_per_layer("num_experts", peft_config.num_experts, num_layers)
             top_k_per_layer = expand_per_layer("top_k", peft_config.top_k, num_layers)
             for index, (num_experts, top_k) in enumerate(zip(experts_per_layer, top_k_per_layer)):
-                if top_k > num_experts:
+                if peft_config.router_type == "topk" and top_k > num_experts:
                     raise ValueError(
                         f"`top_k` ({top_k}) is larger than `num_experts` ({num_experts}) for layer {index}."
                     )
@@ -139,7 +149,7 @@ class MoeLoraModel(BaseTuner):
         """`(num_experts, top_k)` of the module `key` (MoLA lists resolved by layer index)."""
         num_experts, top_k = config.num_experts, config.top_k
         if isinstance(num_experts, int) and isinstance(top_k, int):
-            return num_experts, top_k
+            return num_experts, min(top_k, num_experts)
         index = _layer_index(key, config.layers_pattern)
         if index is None:
             raise ValueError(
@@ -210,31 +220,59 @@ class MoeLoraModel(BaseTuner):
             if isinstance(module, MoeLoraLayer):
                 module._routing_state = self._routing_state
 
-    def forward(self, *args: Any, **kwargs: Any):
+    # The routing context is opened by hooks on the wrapped model rather than in `forward`, because several entry points
+    # call the wrapped model directly: `PeftModel.forward` without a task type, `generate`, `inject_adapter_in_model`.
+    def _register_routing_hooks(self, model: nn.Module) -> None:
+        self._routing_hooks = [
+            model.register_forward_pre_hook(self._open_routing_context, with_kwargs=True),
+            model.register_forward_hook(self._close_routing_context, with_kwargs=True, always_call=True),
+        ]
+
+    def _open_routing_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         state: RoutingState = self._routing_state
-        context = ForwardContext(attention_mask=kwargs.get("attention_mask"))
-        previous = state.active
+        context = ForwardContext(attention_mask=kwargs.get("attention_mask"), parent=state.active)
         state.active = context
         if torch.is_grad_enabled():
             state.last_grad_forward = context
-        try:
-            outputs = self.model(*args, **kwargs)
-        finally:
-            state.active = previous
-        if previous is None:
-            self._last_records = context.records
-        if isinstance(outputs, dict):
-            if context.records:
-                device = context.records[0].weighted_loss.device
-            else:
-                device = next((v.device for v in outputs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-            aux_loss = build_aux_loss(context, device)
-            if outputs.get("aux_loss") is not None:
-                aux_loss = outputs["aux_loss"] + aux_loss
-            outputs["aux_loss"] = aux_loss
-            if outputs.get("loss") is not None:
-                outputs["loss"] = outputs["loss"] + aux_loss.to(outputs["loss"].dtype)
+
+    def _close_routing_context(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
+        state: RoutingState = self._routing_state
+        context = state.active
+        if context is None:  # the pre-hook did not run (e.g. an exception before it)
+            return outputs
+        state.active = context.parent
+        if context.parent is not None:
+            return outputs
+        self._last_records = context.records
+        if not isinstance(outputs, dict):
+            # Plain modules return tensors: keep the loss for `aux_loss` (see there).
+            self._last_aux_loss = build_aux_loss(context, _device_of(outputs, context))
+            return outputs
+        self._last_aux_loss = None
+        aux_loss = build_aux_loss(context, _device_of(outputs, context))
+        if outputs.get("aux_loss") is not None:
+            aux_loss = outputs["aux_loss"] + aux_loss
+        outputs["aux_loss"] = aux_loss
+        if outputs.get("loss") is not None:
+            outputs["loss"] = outputs["loss"] + aux_loss.to(outputs["loss"].dtype)
         return outputs
+
+    @property
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """Weighted router losses of the last forward, for models whose output is not a `ModelOutput`.
+
+        transformers models get the same value as `outputs.aux_loss` (already included in `outputs.loss`). For a plain
+        `nn.Module` that returns a tensor, add this to your loss: `loss = criterion(model(x)) + model.aux_loss`.
+        """
+        return self._last_aux_loss
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs):
+        if merge:
+            self._check_merge_allowed()
+        for handle in self._routing_hooks:
+            handle.remove()
+        self._routing_hooks = []
+        return super()._unload_and_optionally_merge(merge, *args, **kwargs)
 
     def get_routing_stats(self) -> dict[str, dict[str, RoutingStats]]:
         """Routing statistics of the last forward through this model: `{module name: {adapter name: RoutingStats}}`.

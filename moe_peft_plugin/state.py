@@ -55,6 +55,7 @@ class ForwardContext:
     """State of one model forward that the adapted layers read and write."""
 
     attention_mask: Optional[torch.Tensor] = None
+    parent: Optional[ForwardContext] = None  # the enclosing forward, when forwards are nested
     cell: _GradientCell = field(default_factory=_GradientCell)
     records: list[RouterRecord] = field(default_factory=list)
     # Weighted losses recorded with their autograd graph, and the (layer, adapter) pairs that recorded them: those

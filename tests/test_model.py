@@ -261,3 +261,40 @@ print("OK")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_every_entry_point_gets_router_losses():
+    """Without a task type peft's `PeftModel.forward` calls the base model directly; so does inject_adapter_in_model."""
+    from peft import inject_adapter_in_model
+
+    kwargs = {"num_experts": 4, "top_k": 2, "target_modules": ["q_proj"], "init_weights": False}
+    _, tokenizer = build_tiny_llama()
+    inputs = batch(tokenizer)
+    base, _ = build_tiny_llama()
+    no_task = get_peft_model(base, MoeLoraConfig(**kwargs))
+    assert type(no_task).__name__ == "PeftModel"
+    out = no_task(**inputs, labels=inputs["input_ids"])
+    assert out.aux_loss > 0 and out.loss.grad_fn is not None
+    base, _ = build_tiny_llama()
+    injected = inject_adapter_in_model(MoeLoraConfig(**kwargs), base)
+    out2 = injected(**inputs, labels=inputs["input_ids"])
+    assert out2.aux_loss > 0
+
+
+def test_plain_module_exposes_aux_loss():
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    model = get_peft_model(Net(), MoeLoraConfig(target_modules=["lin"], num_experts=4, top_k=2, aux_loss_coef=0.5))
+    out = model(torch.randn(6, 8))
+    aux = model.base_model.aux_loss
+    assert isinstance(out, torch.Tensor) and aux.requires_grad and aux > 0
+    (out.sum() + aux).backward()
+    assert model.base_model.model.lin.moelora_router["default"].grad.abs().sum() > 0
