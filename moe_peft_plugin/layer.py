@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import losses
 from .config import MoeLoraConfig
@@ -219,99 +220,117 @@ class Linear(nn.Module, MoeLoraLayer):
         lora_A = self.moelora_A[adapter_name]
         lora_B = self.moelora_B[adapter_name]
         options = self.routing_options[adapter_name]
-        num_experts = self.num_experts[adapter_name]
         batch_shape = x.shape[:-1]
         x = self._cast_input_dtype(x, lora_A.dtype)
         tokens = x.reshape(-1, x.shape[-1])  # (tokens, in)
-
-        if num_experts == 1:
-            gates = tokens.new_ones(tokens.shape[0], 1, dtype=torch.float32)
-            routing = None
-        else:
-            router_input = tokens
-            if self.training and options["jitter"] > 0:
-                jitter = options["jitter"]
-                router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
-            logits = router_logits(router_input, self.moelora_router[adapter_name])  # (tokens, E), float32
-            temperature = options["temperature"]
-            if adapter_name in self.moelora_log_temperature:
-                temperature = self.moelora_log_temperature[adapter_name].float().exp()
-            routing = route(
-                logits,
-                top_k=self.top_k[adapter_name],
-                router_type=options["router_type"],
-                temperature=temperature,
-                noise_std=options["noise_std"] if self.training else 0.0,
-                expert_mask=self.expert_mask[adapter_name],
-            )
-            gates = routing.gates
+        token_weight = context.token_weight(batch_shape) if context is not None else None
 
         h = expert_down(self.moelora_dropout[adapter_name](tokens), lora_A)  # (tokens, E*r)
-        update = expert_up(h, gates * self.scaling[adapter_name], lora_B)  # (tokens, out)
-        result = result + update.reshape(*batch_shape, -1).to(result.dtype)
+        if self.num_experts[adapter_name] == 1:
+            update = expert_up(h, tokens.new_ones(tokens.shape[0], 1), None, lora_B, self.scaling[adapter_name])
+            return result + update.reshape(*batch_shape, -1).to(result.dtype)
 
-        if routing is not None and context is not None:
-            token_weight = context.token_weight(batch_shape)
-            weighted_loss, components = self._router_losses(routing, h, lora_B, token_weight, options)
-            if weighted_loss is not None and weighted_loss.requires_grad:
-                if record:
-                    context.add_loss(self, adapter_name, weighted_loss)
-                elif context.needs_injection(self, adapter_name):
-                    # Recomputed by reentrant gradient checkpointing: the original forward ran without a graph.
-                    result = inject_router_loss(result, weighted_loss, context)
+        router_args = (
+            tokens,
+            self.moelora_router[adapter_name],
+            self.moelora_log_temperature[adapter_name] if adapter_name in self.moelora_log_temperature else None,
+            token_weight,
+            adapter_name,
+            context is not None,
+            record,
+        )
+        if torch.is_grad_enabled() and any(t.requires_grad for t in router_args[:3] if t is not None):
+            # The router is recomputed in the backward pass instead of keeping its intermediate tensors (probabilities,
+            # indices, loss terms) alive: it costs a (tokens, E) matmul and saves most of the routing memory.
+            routed = checkpoint(self._route, *router_args, use_reentrant=False)
+        else:
+            routed = self._route(*router_args)
+        weights, index, selected, weighted_loss, components, stats = routed
+
+        update = expert_up(h, weights, index, lora_B, self.scaling[adapter_name])  # (tokens, out)
+        result = result + update.reshape(*batch_shape, -1).to(result.dtype)
+        if context is None:
+            return result
+
+        contrastive_coef = options["contrastive_loss_coef"]
+        if contrastive_coef:
+            contrastive = losses.expert_contrastive_loss(
+                h.unflatten(-1, (lora_B.shape[0], -1)),
+                lora_B,
+                selected,
+                options["contrastive_temperature"],
+                token_weight,
+            )
+            components["contrastive"] = contrastive
+            weighted_contrastive = contrastive_coef * contrastive
+            weighted_loss = weighted_contrastive if weighted_loss is None else weighted_loss + weighted_contrastive
+
+        if weighted_loss is not None and weighted_loss.requires_grad:
             if record:
-                # Statistics only: computed without autograd, so that a checkpointed recomputation (which records
-                # nothing) saves exactly the same tensors as the original forward.
-                with torch.no_grad():
-                    context.records.append(
-                        RouterRecord(
-                            layer=self,
-                            adapter_name=adapter_name,
-                            expert_load=losses.expert_load(routing.selected, token_weight),
-                            entropy=losses.router_entropy(routing.probs, token_weight),
-                            losses={name: value.detach() for name, value in components.items()},
-                            weighted_loss=(
-                                weighted_loss.detach() if weighted_loss is not None else routing.probs.new_zeros(())
-                            ),
-                        )
-                    )
+                context.add_loss(self, adapter_name, weighted_loss)
+            elif context.needs_injection(self, adapter_name):
+                # Recomputed by reentrant gradient checkpointing: the original forward ran without a graph.
+                result = inject_router_loss(result, weighted_loss, context)
+        if record:
+            expert_load, entropy = stats
+            context.records.append(
+                RouterRecord(
+                    layer=self,
+                    adapter_name=adapter_name,
+                    expert_load=expert_load,
+                    entropy=entropy,
+                    losses={name: value.detach() for name, value in components.items()},
+                    weighted_loss=weighted_loss.detach() if weighted_loss is not None else entropy.new_zeros(()),
+                )
+            )
         return result
 
-    @staticmethod
-    def _router_losses(
-        routing, h: torch.Tensor, lora_B: torch.Tensor, token_weight: Optional[torch.Tensor], options: dict[str, Any]
-    ) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
-        """Weighted sum and components of the router losses whose coefficient is not 0."""
-        components: dict[str, torch.Tensor] = {}
-        weighted = None
-        terms = (
-            (
-                "load_balancing",
-                "aux_loss_coef",
-                lambda: losses.load_balancing_loss(routing.probs, routing.selected, token_weight),
-            ),
-            ("router_z", "router_z_loss_coef", lambda: losses.router_z_loss(routing.logits, token_weight)),
-            ("gate_balance", "gate_balance_loss_coef", lambda: losses.gate_balance_loss(routing.gates, token_weight)),
-            (
-                "contrastive",
-                "contrastive_loss_coef",
-                lambda: losses.expert_contrastive_loss(
-                    h.unflatten(-1, (lora_B.shape[0], -1)),
-                    lora_B,
-                    routing.selected,
-                    options["contrastive_temperature"],
-                    token_weight,
-                ),
-            ),
+    def _route(
+        self,
+        tokens: torch.Tensor,
+        router_weight: torch.Tensor,
+        log_temperature: Optional[torch.Tensor],
+        token_weight: Optional[torch.Tensor],
+        adapter_name: str,
+        with_losses: bool,
+        with_stats: bool,
+    ):
+        """Routing of `tokens` and the router losses that need no expert outputs (pure, so it can be recomputed)."""
+        options = self.routing_options[adapter_name]
+        router_input = tokens
+        if self.training and options["jitter"] > 0:
+            jitter = options["jitter"]
+            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
+        logits = router_logits(router_input, router_weight)  # (tokens, E), float32
+        temperature = options["temperature"] if log_temperature is None else log_temperature.to(logits.dtype).exp()
+        mask = self.expert_mask[adapter_name]
+        routing = route(
+            logits,
+            top_k=self.top_k[adapter_name],
+            router_type=options["router_type"],
+            temperature=temperature,
+            noise_std=options["noise_std"] if self.training else 0.0,
+            expert_mask=None if mask is None else mask.to(logits.device),
         )
-        for name, coef_name, compute in terms:
-            coef = options[coef_name]
-            if coef == 0:
-                continue
-            value = compute()
-            components[name] = value
-            weighted = coef * value if weighted is None else weighted + coef * value
-        return weighted, components
+        weighted_loss, components, stats = None, {}, None
+        if with_losses:
+            terms = (
+                ("load_balancing", "aux_loss_coef", losses.load_balancing_loss, (routing.probs, routing.selected)),
+                ("router_z", "router_z_loss_coef", losses.router_z_loss, (routing.logits,)),
+                ("gate_balance", "gate_balance_loss_coef", losses.gate_balance_loss, (routing.gates,)),
+            )
+            for name, coef_name, loss_fn, loss_args in terms:
+                coef = options[coef_name]
+                if coef:
+                    components[name] = value = loss_fn(*loss_args, token_weight)
+                    weighted_loss = coef * value if weighted_loss is None else weighted_loss + coef * value
+        if with_stats:
+            with torch.no_grad():
+                stats = (
+                    losses.expert_load(routing.selected, token_weight),
+                    losses.router_entropy(routing.probs, token_weight),
+                )
+        return routing.weights, routing.index, routing.selected, weighted_loss, components, stats
 
     def __repr__(self) -> str:
         return "moelora." + super().__repr__()

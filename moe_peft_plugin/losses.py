@@ -87,14 +87,15 @@ def expert_contrastive_loss(
         temperature: InfoNCE temperature.
         token_weight: `(tokens,)` 1 for real tokens, 0 for padding.
     """
-    num_experts = h.shape[1]
-    if num_experts < 2:
+    if h.shape[1] < 2:
         return h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
     dtype = torch.promote_types(h.dtype, torch.float32)
     h = h.to(dtype)
     lora_B = lora_B.to(dtype)
-    gram = torch.einsum("eor,fos->erfs", lora_B, lora_B)  # (E, r, E, r): B_e^T B_f
-    gram_diag = torch.einsum("eor,eos->ers", lora_B, lora_B)  # (E, r, r): B_e^T B_e
+    num_experts, _, rank = lora_B.shape
+    flat_B = lora_B.permute(1, 0, 2).flatten(1)  # (out, E*r)
+    gram = (flat_B.T @ flat_B).view(num_experts, rank, num_experts, rank)  # (E, r, E, r): B_e^T B_f
+    gram_diag = gram.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (E, r, r): B_e^T B_e
     tiny = 1e-12
     norm_sq = torch.einsum("ter,ers,tes->te", h, gram_diag, h)  # (tokens, E): |y[t, e]|^2
     h_unit = h * norm_sq.clamp_min(tiny).rsqrt().unsqueeze(-1)  # coefficients of u[t, e] in the basis of B_e

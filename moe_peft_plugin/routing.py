@@ -44,6 +44,8 @@ class Routing(NamedTuple):
     probs: torch.Tensor  # (tokens, num_experts), softmax of logits
     gates: torch.Tensor  # (tokens, num_experts), weight of each expert per token, 0 for unselected experts
     selected: torch.Tensor  # (tokens, num_experts), bool: the expert counts as selected for load statistics
+    weights: torch.Tensor  # the gates in compact form: (tokens, top_k) with `index`, or (tokens, num_experts)
+    index: Optional[torch.Tensor]  # (tokens, top_k) expert indices of `weights`, or None when `weights` is dense
 
 
 def route(
@@ -54,10 +56,10 @@ def route(
     noise_std: float = 0.0,
     expert_mask: Optional[torch.Tensor] = None,
 ) -> Routing:
-    """Turn float32 router logits into per-token expert gates.
+    """Turn router logits into per-token expert gates.
 
     Args:
-        logits: `(tokens, num_experts)` float32 router logits.
+        logits: `(tokens, num_experts)` float32 (or float64) router logits.
         top_k: experts per token for `router_type="topk"`.
         router_type: `"topk"` (sparse, weights of the selected experts renormalised to sum to 1; with `top_k=1` the raw
             probability as in Switch Transformers) or `"soft"` (softmax over all experts).
@@ -74,55 +76,69 @@ def route(
     if router_type == "soft" or top_k >= num_experts:
         if expert_mask is not None:
             probs = probs * expert_mask
-        gates = probs
-        # Load statistics of a dense router count the most probable expert of each token (as with top-1).
-        top_index = probs.argmax(dim=-1, keepdim=True) if router_type == "soft" else None
+        gates = weights = probs
+        index = None
+        if router_type == "soft":
+            # Load statistics of a dense router count the most probable expert of each token (as with top-1).
+            selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, probs.argmax(dim=-1, keepdim=True), True)
+        else:
+            selected = torch.ones_like(probs, dtype=torch.bool)
+            if expert_mask is not None:
+                selected = selected & expert_mask
     else:
         scores = logits if noise_std == 0 else logits + noise_std * torch.randn_like(logits)
-        top_index = scores.topk(top_k, dim=-1).indices  # (tokens, top_k)
-        top_weights = probs.gather(-1, top_index)  # (tokens, top_k)
+        index = scores.topk(top_k, dim=-1).indices  # (tokens, top_k)
+        weights = probs.gather(-1, index)  # (tokens, top_k)
         if top_k > 1:
-            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-        gates = torch.zeros_like(probs).scatter(-1, top_index, top_weights)
-    if top_index is None:
-        selected = torch.ones_like(probs, dtype=torch.bool)
-        if expert_mask is not None:
-            selected = selected & expert_mask
-    else:
-        selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_index, True)
-    return Routing(logits=logits, probs=probs, gates=gates, selected=selected)
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+        gates = torch.zeros_like(probs).scatter(-1, index, weights)
+        selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
+    return Routing(logits=logits, probs=probs, gates=gates, selected=selected, weights=weights, index=index)
+
+
+def _dense_gates(weights: torch.Tensor, index: Optional[torch.Tensor], num_experts: int) -> torch.Tensor:
+    if index is None:
+        return weights
+    return weights.new_zeros(weights.shape[0], num_experts).scatter(-1, index.long(), weights)
 
 
 class _GatedExpertUp(torch.autograd.Function):
-    """`y = (h * gates expanded over r) @ B_cat.T` that saves `h` and `gates` but not their product.
+    """`y = scaling * (h * gates expanded over r) @ B_cat.T`, saving only `h`, the compact gates and `B`.
 
-    Autograd would keep both `h` and the gated `h` (each `(tokens, E*r)`) alive for the backward pass; the product
-    is recomputed instead, which costs one elementwise multiply and keeps saved activations at the level of a single
-    LoRA of rank `E*r`.
+    Autograd would keep `h`, the gated `h` (each `(tokens, E*r)`), the dense gates and a concatenated copy of B alive
+    for the backward pass. This keeps `h` and the top-k weights and indices, and rebuilds the rest in the backward
+    pass (an elementwise multiply and a scatter), so saved activations stay at the level of one LoRA of rank `E*r`.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # h: (tokens, E*r), gates: (tokens, E), weight: (out, E*r)
-        num_experts = gates.shape[-1]
+    def forward(ctx, h, weights, index, lora_B, scaling):
+        # h: (tokens, E*r), weights: (tokens, top_k) or (tokens, E), index: (tokens, top_k) or None, lora_B: (E, out, r)
+        num_experts = lora_B.shape[0]
+        gates = _dense_gates(weights, index, num_experts).to(h.dtype) * scaling
         gated = (h.unflatten(-1, (num_experts, -1)) * gates.unsqueeze(-1)).flatten(-2)
-        ctx.save_for_backward(h, gates, weight)
-        return F.linear(gated, weight)
+        small_index = None if index is None else index.to(torch.int16 if num_experts > 127 else torch.int8)
+        ctx.save_for_backward(h, weights, small_index, lora_B)
+        ctx.scaling = scaling
+        return F.linear(gated, lora_B.permute(1, 0, 2).flatten(1))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        h, gates, weight = ctx.saved_tensors
-        num_experts = gates.shape[-1]
-        grad_h = grad_gates = grad_w = None
-        grad_gated = grad @ weight  # (tokens, E*r)
+    def backward(ctx, grad):
+        h, weights, index, lora_B = ctx.saved_tensors
+        num_experts, out_features, rank = lora_B.shape
+        gates = _dense_gates(weights, index, num_experts).to(h.dtype) * ctx.scaling
+        h_experts = h.unflatten(-1, (num_experts, -1))  # (tokens, E, r)
+        grad_h = grad_weights = grad_B = None
+        grad_gated = (grad @ lora_B.permute(1, 0, 2).flatten(1)).unflatten(-1, (num_experts, -1))  # (tokens, E, r)
         if ctx.needs_input_grad[0]:
-            grad_h = (grad_gated.unflatten(-1, (num_experts, -1)) * gates.unsqueeze(-1)).flatten(-2)
+            grad_h = (grad_gated * gates.unsqueeze(-1)).flatten(-2)
         if ctx.needs_input_grad[1]:
-            grad_gates = (grad_gated.unflatten(-1, (num_experts, -1)) * h.unflatten(-1, (num_experts, -1))).sum(-1)
-        if ctx.needs_input_grad[2]:
-            gated = (h.unflatten(-1, (num_experts, -1)) * gates.unsqueeze(-1)).flatten(-2)
-            grad_w = grad.reshape(-1, grad.shape[-1]).T @ gated.reshape(-1, gated.shape[-1])
-        return grad_h, grad_gates, grad_w
+            grad_gates = (grad_gated * h_experts).sum(-1) * ctx.scaling  # (tokens, E)
+            grad_weights = grad_gates if index is None else grad_gates.gather(-1, index.long())
+            grad_weights = grad_weights.to(weights.dtype)
+        if ctx.needs_input_grad[3]:
+            gated = (h_experts * gates.unsqueeze(-1)).flatten(-2)
+            grad_B = (grad.T @ gated).view(out_features, num_experts, rank).permute(1, 0, 2)
+        return grad_h, grad_weights, None, grad_B, None
 
 
 def expert_down(x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
@@ -130,8 +146,10 @@ def expert_down(x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
     return F.linear(x, lora_A.flatten(0, 1))
 
 
-def expert_up(h: torch.Tensor, gates: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-    """Gate-weighted sum of the expert outputs: `sum_e gates[:, e] * B_e h_e`, in one matmul.
+def expert_up(
+    h: torch.Tensor, weights: torch.Tensor, index: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float = 1.0
+) -> torch.Tensor:
+    """Gate-weighted sum of the expert outputs, `scaling * sum_e gates[:, e] * B_e h_e`, in one matmul.
 
     This "dense-cat" formulation computes the rank-`E*r` product for every token and multiplies the unselected experts
     by a zero gate. It is exactly equal to evaluating only the selected experts, with static shapes and no host-device
@@ -139,8 +157,8 @@ def expert_up(h: torch.Tensor, gates: torch.Tensor, lora_B: torch.Tensor) -> tor
 
     Args:
         h: `(tokens, E*r)` output of [`expert_down`].
-        gates: `(tokens, E)` gate weights (zeros for unselected experts), already multiplied by the LoRA scaling.
+        weights, index: the gates, as `Routing.weights` and `Routing.index`.
         lora_B: `(E, out, r)` stacked LoRA B matrices.
+        scaling: the LoRA scaling.
     """
-    weight = lora_B.permute(1, 0, 2).flatten(1)  # (out, E*r)
-    return _GatedExpertUp.apply(h, gates.to(h.dtype), weight)
+    return _GatedExpertUp.apply(h, weights, index, lora_B, scaling)

@@ -156,8 +156,8 @@ def build_aux_loss(context: ForwardContext, device: torch.device) -> torch.Tenso
     if not torch.is_grad_enabled():
         return total
     graph_loss = sum((loss.to(device) for loss in context.graph_losses), torch.zeros((), device=device))
-    context.graph_losses = []  # the context outlives the forward; do not keep the graph alive through it
     num_without_graph = len(context.records) - len(context.graph_losses)
+    context.graph_losses = []  # the context outlives the forward; do not keep the graph alive through it
     if num_without_graph == 0:
         return graph_loss
     if not graph_loss.requires_grad:
