@@ -119,7 +119,7 @@ class MoeLoraLayer(BaseTunerLayer):
             # With a single expert the gate is always 1: there is no router (its weights could never train).
             self.moelora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
         if config.learn_router_temperature and num_experts > 1:
-            self.moelora_log_temperature[adapter_name] = nn.Parameter(torch.empty(()))
+            self.moelora_log_temperature[adapter_name] = nn.Parameter(torch.empty(1))
         self.reset_parameters(adapter_name, config.init_weights, config.router_temperature)
         if experts is not None:
             lora_A, lora_B = experts

@@ -27,7 +27,7 @@ from .state import ForwardContext, RoutingState, build_aux_loss
 
 # Expected number of dimensions of each adapter tensor in a state dict; anything else (notably the empty (0,) tensors
 # of ZeRO-3 partitions that were not gathered) means the checkpoint would be unusable.
-_ADAPTER_TENSOR_DIMS = {"moelora_A": 3, "moelora_B": 3, "moelora_router": 2, "moelora_log_temperature": 0}
+_ADAPTER_TENSOR_DIMS = {"moelora_A": 3, "moelora_B": 3, "moelora_router": 2, "moelora_log_temperature": 1}
 
 
 @dataclass

@@ -10,7 +10,21 @@ entries that `register_peft_method` writes, with a string key, and use the offic
 from __future__ import annotations
 
 
-PEFT_TYPE = "MOELORA"
+class _PeftTypeName(str):
+    """`"MOELORA"` that also quacks like a `PeftType` member: peft (and its testers) read `config.peft_type.value`."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+
+PEFT_TYPE = _PeftTypeName("MOELORA")
 PREFIX = "moelora_"
 
 

@@ -157,3 +157,16 @@ def test_loading_without_the_plugin_fails_and_with_it_works(tiny_model_dir, tmp_
         [sys.executable, "-c", "import moe_peft_plugin\n" + code], capture_output=True, text=True
     )
     assert with_plugin.returncode == 0, with_plugin.stderr[-2000:]
+
+
+def test_peft_type_behaves_like_a_peft_type_member():
+    """peft and its testers read `config.peft_type.value`; JSON, pickle and deepcopy keep the plain string."""
+    import copy
+    import pickle
+
+    config = MoeLoraConfig(target_modules=["q_proj"])
+    assert config.peft_type == "MOELORA" and config.peft_type.value == "MOELORA" and config.peft_type.name == "MOELORA"
+    assert f"{config.peft_type.value.lower()}_only" == "moelora_only"
+    assert json.loads(json.dumps(config.to_dict(), default=sorted))["peft_type"] == "MOELORA"
+    assert pickle.loads(pickle.dumps(config)).peft_type.value == "MOELORA"
+    assert copy.deepcopy(config).peft_type.value == "MOELORA"
