@@ -71,7 +71,6 @@ class MoeLoraLayer(BaseTunerLayer):
         config: MoeLoraConfig,
         num_experts: int,
         top_k: int,
-        r: Optional[int] = None,
         experts: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         inference_mode: bool = False,
     ) -> None:
@@ -79,21 +78,17 @@ class MoeLoraLayer(BaseTunerLayer):
 
         Args:
             num_experts, top_k: resolved for this layer (MoLA lists are expanded by the model).
-            r: rank of the experts; `config.r` when not given.
             experts: MoLE: `(A, B)` stacked weights of trained LoRAs, `(E, r, in)` and `(E, out, r)`, with the LoRA
                 scaling already folded into B.
         """
-        r = config.r if r is None else r
-        if r < 1:
-            raise ValueError(f"`r` must be a positive int, got {r}.")
+        r = config.r
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"`top_k` ({top_k}) must be between 1 and `num_experts` ({num_experts}).")
         self.r[adapter_name] = r
         self.num_experts[adapter_name] = num_experts
         self.top_k[adapter_name] = top_k
-        if experts is not None:
-            self.scaling[adapter_name] = 1.0
-        elif config.use_rslora:
+        # MoLE experts have their own LoRA scaling folded into B and come with lora_alpha = r, i.e. a scaling of 1.
+        if config.use_rslora:
             self.scaling[adapter_name] = config.lora_alpha / math.sqrt(r)
         else:
             self.scaling[adapter_name] = config.lora_alpha / r
@@ -186,14 +181,13 @@ class Linear(nn.Module, MoeLoraLayer):
         config: MoeLoraConfig,
         num_experts: int,
         top_k: int,
-        r: Optional[int] = None,
         experts: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         **kwargs,
     ) -> None:
         super().__init__()
         MoeLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, num_experts=num_experts, top_k=top_k, r=r, experts=experts)
+        self.update_layer(adapter_name, config, num_experts=num_experts, top_k=top_k, experts=experts)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         previous_dtype = x.dtype
