@@ -216,9 +216,6 @@ class MoeLoraModel(BaseTuner):
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
             self._pending_experts.pop(id(self.peft_config.get(adapter_name)), None)
-        for module in model.modules():
-            if isinstance(module, MoeLoraLayer):
-                module._routing_state = self._routing_state
 
     # The routing context is opened by hooks on the wrapped model rather than in `forward`, because several entry points
     # call the wrapped model directly: `PeftModel.forward` without a task type, `generate`, `inject_adapter_in_model`.
