@@ -141,9 +141,9 @@ class MoeLoraLayer(BaseTunerLayer):
                 for expert in self.moelora_B[adapter_name]:
                     nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
             if adapter_name in self.moelora_router:
-                # Small random logits (as Mixtral's gate): experts differ from the first step and no expert is
-                # preferred at initialisation.
-                nn.init.normal_(self.moelora_router[adapter_name], std=1.0 / self.in_features)
+                # Small random weights, as Mixtral's gate (initializer_range 0.02): tokens differ in their routing
+                # from the first step, and no expert is preferred on average.
+                nn.init.normal_(self.moelora_router[adapter_name], std=0.02)
             if adapter_name in self.moelora_log_temperature:
                 self.moelora_log_temperature[adapter_name].fill_(math.log(temperature))
 

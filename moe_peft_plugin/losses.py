@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 
 
+# Relative floor of the norms in the contrastive loss (see `expert_contrastive_loss`).
+CONTRASTIVE_NORM_FLOOR = 1e-2
+
+
 def _token_mean(values: torch.Tensor, token_weight: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean over the token dimension (dim 0), counting only tokens with weight 1."""
     if token_weight is None:
@@ -69,7 +73,9 @@ def expert_contrastive_loss(
 ) -> torch.Tensor:
     """InfoNCE contrastive loss over expert outputs (MoELoRA, arXiv 2402.12851), computed in rank space.
 
-    Let `y[t, e] = B_e h[t, e]` be the output of expert `e` for token `t` and `u[t, e]` its unit vector. For every
+    Let `y[t, e] = B_e h[t, e]` be the output of expert `e` for token `t` and `u[t, e] = y / sqrt(|y|^2 + c^2)` its
+    (softly) normalised direction, where the floor `c = CONTRASTIVE_NORM_FLOOR * rms_{t,e} |h[t, e]|` keeps the
+    gradient bounded while the experts are still near zero (B starts at 0). For every
     selected pair `(t, e)` the positive is the prototype of the same expert, `p_e = normalize(mean_t u[t, e])` over the
     tokens routed to `e`, and the negatives are the prototypes of the other experts that received tokens:
 
@@ -98,7 +104,10 @@ def expert_contrastive_loss(
     gram_diag = gram.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (E, r, r): B_e^T B_e
     tiny = 1e-12
     norm_sq = torch.einsum("ter,ers,tes->te", h, gram_diag, h)  # (tokens, E): |y[t, e]|^2
-    h_unit = h * norm_sq.clamp_min(tiny).rsqrt().unsqueeze(-1)  # coefficients of u[t, e] in the basis of B_e
+    # A plain normalisation has a gradient of 1/|y|, which explodes while the experts are still ~0 (B starts at 0):
+    # the norm gets a floor proportional to the expert inputs, so the loss fades in as the experts grow.
+    floor_sq = CONTRASTIVE_NORM_FLOOR**2 * h.detach().square().sum(-1).mean()
+    h_unit = h * (norm_sq + floor_sq).clamp_min(tiny).rsqrt().unsqueeze(-1)  # coefficients of u[t, e] in B_e's basis
 
     pair_weight = selected.to(dtype)
     if token_weight is not None:
@@ -106,7 +115,7 @@ def expert_contrastive_loss(
     count = pair_weight.sum(dim=0)  # (E,)
     proto = torch.einsum("te,ter->er", pair_weight, h_unit) / count.clamp_min(1.0).unsqueeze(-1)  # (E, r)
     proto_norm_sq = torch.einsum("er,ers,es->e", proto, gram_diag, proto)
-    proto = proto * proto_norm_sq.clamp_min(tiny).rsqrt().unsqueeze(-1)
+    proto = proto * (proto_norm_sq + CONTRASTIVE_NORM_FLOOR**2).clamp_min(tiny).rsqrt().unsqueeze(-1)
 
     gram_proto = torch.einsum("erfs,fs->erf", gram, proto)  # (E, r, E): B_e^T p_f
     sim = torch.einsum("ter,erf->tef", h_unit, gram_proto) / temperature  # (tokens, E, E): <u[t, e], p_f> / T

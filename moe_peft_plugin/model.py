@@ -37,7 +37,7 @@ class RoutingStats:
     expert_load: torch.Tensor  # (num_experts,), fraction of routing decisions per expert (sums to 1)
     entropy: torch.Tensor  # (), mean entropy of the router distribution, in nats
     losses: dict[str, torch.Tensor]  # unweighted router loss components
-    weighted_loss: torch.Tensor  # (), this layer's contribution to `outputs.aux_loss`
+    weighted_loss: torch.Tensor  # (), this layer's weighted router loss (`outputs.aux_loss` is their mean)
 
 
 def _get_tuner_layer_class(target_base_layer: nn.Module) -> Optional[type[MoeLoraLayer]]:

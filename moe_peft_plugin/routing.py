@@ -33,10 +33,14 @@ class _Fp32Linear(torch.autograd.Function):
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Router logits `x @ weight.T` in float32 (or float64 when both are float64), whatever the input dtypes."""
-    if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64):
-        return F.linear(x, weight)
-    return _Fp32Linear.apply(x, weight)
+    """Router logits `x @ weight.T` in float32 (or float64 when both are float64), whatever the input dtypes.
+
+    Autocast is disabled here: under bf16/fp16 autocast the router would otherwise silently run in half precision.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64):
+            return F.linear(x, weight)
+        return _Fp32Linear.apply(x, weight)
 
 
 class Routing(NamedTuple):
@@ -125,19 +129,23 @@ class _GatedExpertUp(torch.autograd.Function):
     def backward(ctx, grad):
         h, weights, index, lora_B = ctx.saved_tensors
         num_experts, out_features, rank = lora_B.shape
-        gates = _dense_gates(weights, index, num_experts).to(h.dtype) * ctx.scaling
-        h_experts = h.unflatten(-1, (num_experts, -1))  # (tokens, E, r)
+        # Under autocast the forward matmul ran in half precision, so `grad` may differ in dtype from the saved
+        # tensors: compute in the dtype of `grad` (as autocast did) and return each gradient in its input's dtype.
+        dtype = grad.dtype
+        gates = _dense_gates(weights, index, num_experts).to(dtype) * ctx.scaling
+        h_experts = h.to(dtype).unflatten(-1, (num_experts, -1))  # (tokens, E, r)
         grad_h = grad_weights = grad_B = None
-        grad_gated = (grad @ lora_B.permute(1, 0, 2).flatten(1)).unflatten(-1, (num_experts, -1))  # (tokens, E, r)
+        weight = lora_B.to(dtype).permute(1, 0, 2).flatten(1)  # (out, E*r)
+        grad_gated = (grad @ weight).unflatten(-1, (num_experts, -1))  # (tokens, E, r)
         if ctx.needs_input_grad[0]:
-            grad_h = (grad_gated * gates.unsqueeze(-1)).flatten(-2)
+            grad_h = (grad_gated * gates.unsqueeze(-1)).flatten(-2).to(h.dtype)
         if ctx.needs_input_grad[1]:
             grad_gates = (grad_gated * h_experts).sum(-1) * ctx.scaling  # (tokens, E)
             grad_weights = grad_gates if index is None else grad_gates.gather(-1, index.long())
             grad_weights = grad_weights.to(weights.dtype)
         if ctx.needs_input_grad[3]:
             gated = (h_experts * gates.unsqueeze(-1)).flatten(-2)
-            grad_B = (grad.T @ gated).view(out_features, num_experts, rank).permute(1, 0, 2)
+            grad_B = (grad.T @ gated).view(out_features, num_experts, rank).permute(1, 0, 2).to(lora_B.dtype)
         return grad_h, grad_weights, None, grad_B, None
 
 

@@ -1,7 +1,8 @@
 """How the router losses of the layers reach the loss and the gradient, in every gradient-checkpointing mode.
 
 The layers compute their router losses where the routing happens, and record them in the [`ForwardContext`] of the
-running forward. `MoeLoraModel.forward` sums them into `outputs.aux_loss` (and adds that to `outputs.loss`).
+running forward. `MoeLoraModel` averages them over the layers into `outputs.aux_loss` (and adds that to
+`outputs.loss`).
 
 - A layer that runs with autograd enabled (no checkpointing, or non-reentrant checkpointing) records its weighted loss
   *with* its graph: `outputs.aux_loss` is an ordinary differentiable sum, and whatever the user does with it
@@ -21,7 +22,7 @@ running forward. `MoeLoraModel.forward` sums them into `outputs.aux_loss` (and a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -87,7 +88,7 @@ class ForwardContext:
 class RoutingState:
     """Shared by the MOELORA layers of one model; tells a layer which forward it belongs to.
 
-    - Inside `MoeLoraModel.forward`, `active` is the context of the running forward: layers record into it and inject
+    - Inside a forward of the wrapped model, `active` is the context of the running forward: layers record into it and inject
       their loss gradients scaled by its anchor.
     - Outside of it with gradients enabled, a layer is being recomputed by gradient checkpointing during the backward
       pass of the last forward that ran with gradients (`last_grad_forward`): it injects again, but records nothing.
@@ -135,40 +136,39 @@ def inject_router_loss(output: torch.Tensor, loss: torch.Tensor, context: Forwar
 
 
 class _AuxLossAnchor(torch.autograd.Function):
-    """`graph_loss + value`; records the gradient that reaches it for the layers that inject theirs."""
+    """`graph_loss + value`; records the gradient that reaches it (times `scale`) for the layers that inject theirs."""
 
     @staticmethod
-    def forward(ctx, graph_loss: torch.Tensor, value: torch.Tensor, cell: _GradientCell) -> torch.Tensor:
+    def forward(ctx, graph_loss: torch.Tensor, value: torch.Tensor, cell: _GradientCell, scale: float) -> torch.Tensor:
         ctx.cell = cell
+        ctx.scale = scale
         return graph_loss.detach() + value
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.cell.add(grad.detach())
-        return grad, None, None
+        ctx.cell.add(grad.detach() * ctx.scale)
+        return grad, None, None, None
 
 
 def build_aux_loss(context: ForwardContext, device: torch.device) -> torch.Tensor:
-    """`outputs.aux_loss` of a forward: the sum of the weighted router losses; see the module docstring."""
+    """`outputs.aux_loss` of a forward: the mean over the routed layers of their weighted router losses.
+
+    The mean (as transformers' Mixtral computes one load-balancing loss over all layers) keeps the meaning of the
+    coefficients independent of how many modules are adapted. See the module docstring for the gradient.
+    """
+    num_records = max(len(context.records), 1)
     total = torch.zeros((), device=device, dtype=torch.float32)
     for record in context.records:
         total = total + record.weighted_loss.to(device)
+    total = total / num_records
     if not torch.is_grad_enabled():
         return total
     graph_loss = sum((loss.to(device) for loss in context.graph_losses), torch.zeros((), device=device))
+    graph_loss = graph_loss / num_records
     num_without_graph = len(context.records) - len(context.graph_losses)
     context.graph_losses = []  # the context outlives the forward; do not keep the graph alive through it
     if num_without_graph == 0:
         return graph_loss
     if not graph_loss.requires_grad:
         graph_loss = torch.zeros((), device=device, requires_grad=True)
-    return _AuxLossAnchor.apply(graph_loss, total - graph_loss.detach(), context.cell)
-
-
-def summarize_records(records: list[RouterRecord]) -> dict[str, Any]:
-    """Sum the loss components of a list of records (tensors, detached)."""
-    totals: dict[str, torch.Tensor] = {}
-    for record in records:
-        for name, value in record.losses.items():
-            totals[name] = totals[name] + value if name in totals else value
-    return totals
+    return _AuxLossAnchor.apply(graph_loss, total - graph_loss.detach(), context.cell, 1.0 / num_records)

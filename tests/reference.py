@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: F401
+
+from moe_peft_plugin.losses import CONTRASTIVE_NORM_FLOOR
 
 
 def reference_gates(x, router, top_k, router_type, temperature=1.0, expert_mask=None):
@@ -51,7 +53,9 @@ def reference_contrastive(x, lora_A, lora_B, selected, temperature, token_weight
     """InfoNCE against per-expert prototypes, materialising every expert output (tokens, E, out)."""
     num_experts = lora_A.shape[0]
     outputs = torch.stack([x @ lora_A[e].T @ lora_B[e].T for e in range(num_experts)], dim=1)
-    unit = F.normalize(outputs, dim=-1, eps=1e-30)
+    inputs = torch.stack([x @ lora_A[e].T for e in range(num_experts)], dim=1)  # (tokens, E, r)
+    floor_sq = CONTRASTIVE_NORM_FLOOR**2 * inputs.detach().square().sum(-1).mean()
+    unit = outputs / (outputs.square().sum(-1, keepdim=True) + floor_sq).sqrt()
     keep = selected.clone()
     if token_weight is not None:
         keep &= token_weight.bool().unsqueeze(-1)
@@ -59,7 +63,8 @@ def reference_contrastive(x, lora_A, lora_B, selected, temperature, token_weight
     for e in range(num_experts):
         rows = unit[keep[:, e], e]
         if len(rows):
-            protos[e] = F.normalize(rows.mean(0), dim=-1, eps=1e-30)
+            mean = rows.mean(0)
+            protos[e] = mean / (mean.square().sum() + CONTRASTIVE_NORM_FLOOR**2).sqrt()
     active = sorted(protos)
     losses = []
     for t in range(x.shape[0]):
