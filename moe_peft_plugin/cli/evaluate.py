@@ -1,0 +1,198 @@
+"""Multiple-choice evaluation by log-likelihood (no generation), with confidence intervals.
+
+Each option is scored by the log-probability the model gives to it as a continuation of the prompt; the prediction is
+the best-scoring option. `acc` compares summed log-probabilities, `acc_token` the mean per token and `acc_char` the sum
+divided by the option's length in characters (the OLMES "RC" convention, the default: it does not favour short
+options). Accuracy comes with a 95% Wilson score interval, and the difference between two models on the same
+questions with a 95% paired bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .data import MCItem
+
+
+METRICS = ("acc_char", "acc_token", "acc")
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (well-behaved near 0 and 1 and for small n)."""
+    if total == 0:
+        return (float("nan"), float("nan"))
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_bootstrap(
+    correct_a: np.ndarray, correct_b: np.ndarray, samples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of `b - a` and its 95% percentile bootstrap interval, resampling questions (paired)."""
+    a, b = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)
+    diff = b - a
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+@dataclass
+class Scores:
+    """Per-option log-likelihoods of a list of questions."""
+
+    logprob: list[np.ndarray]  # per question: summed log-probability of each option
+    num_tokens: list[np.ndarray]
+    num_chars: list[np.ndarray]
+    labels: np.ndarray
+
+    def predictions(self, metric: str = "acc_char") -> np.ndarray:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        normaliser = {"acc": None, "acc_token": self.num_tokens, "acc_char": self.num_chars}[metric]
+        preds = []
+        for i, logprob in enumerate(self.logprob):
+            score = logprob if normaliser is None else logprob / np.maximum(normaliser[i], 1)
+            preds.append(int(np.argmax(score)))
+        return np.array(preds)
+
+    def correct(self, metric: str = "acc_char") -> np.ndarray:
+        return (self.predictions(metric) == self.labels).astype(int)
+
+
+@dataclass
+class Accuracy:
+    name: str
+    metric: str
+    correct: np.ndarray
+    all_metrics: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+    @property
+    def value(self) -> float:
+        return float(self.correct.mean()) if self.n else float("nan")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(int(self.correct.sum()), self.n)
+
+    def to_dict(self) -> dict:
+        low, high = self.interval
+        return {
+            "name": self.name,
+            "metric": self.metric,
+            "accuracy": self.value,
+            "ci95": [low, high],
+            "n": self.n,
+            "all_metrics": self.all_metrics,
+        }
+
+
+def accuracy(name: str, scores: Scores, metric: str = "acc_char") -> Accuracy:
+    all_metrics = {m: float(scores.correct(m).mean()) for m in METRICS}
+    return Accuracy(name, metric, scores.correct(metric), all_metrics)
+
+
+def _encode(tokenizer, items: Sequence[MCItem], max_length: int) -> list[tuple[int, int, list[int], int, int]]:
+    """(question, option, token ids, continuation start, characters) for every option, left-truncated to max_length."""
+    requests = []
+    for q, item in enumerate(items):
+        context = tokenizer(item.prompt)["input_ids"]
+        for o, choice in enumerate(item.choices):
+            continuation = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            if not continuation:
+                raise ValueError(f"Option {o} of question {item.id!r} is empty after tokenisation.")
+            ids = (context + continuation)[-max_length:]
+            start = max(1, len(ids) - len(continuation))
+            requests.append((q, o, ids, start, len(choice)))
+    return requests
+
+
+def score_items(
+    model,
+    tokenizer,
+    items: Sequence[MCItem],
+    batch_size: int = 16,
+    max_length: int = 1024,
+    progress: bool = True,
+    description: str = "scoring",
+) -> Scores:
+    """Log-likelihood of every option of every question under `model` (a transformers or peft causal LM)."""
+    import torch
+
+    requests = _encode(tokenizer, items, max_length)
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][2]))  # similar lengths share a batch
+    logprob = [np.zeros(len(item.choices)) for item in items]
+    num_tokens = [np.zeros(len(item.choices)) for item in items]
+    num_chars = [np.array([len(c) for c in item.choices], dtype=float) for item in items]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc=description, unit="q", leave=False)
+    done_options = [0] * len(items)
+    with torch.inference_mode():
+        for begin in range(0, len(order), batch_size):
+            batch = [requests[i] for i in order[begin : begin + batch_size]]
+            length = max(len(r[2]) for r in batch)
+            input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+            for row, (_, _, ids, _, _) in enumerate(batch):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention_mask[row, : len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            for row, (q, o, ids, start, _) in enumerate(batch):
+                # Token t is predicted by the logits at position t - 1.
+                scores = logits[row, start - 1 : len(ids) - 1].float().log_softmax(-1)
+                targets = torch.tensor(ids[start:], device=scores.device)
+                logprob[q][o] = scores.gather(-1, targets[:, None]).sum().item()
+                num_tokens[q][o] = len(targets)
+                done_options[q] += 1
+                if bar is not None and done_options[q] == len(items[q].choices):
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    labels = np.array([item.label for item in items])
+    return Scores(logprob, num_tokens, num_chars, labels)
+
+
+def chance_level(items: Sequence[MCItem]) -> float:
+    return float(np.mean([1.0 / len(item.choices) for item in items]))
+
+
+def format_table(
+    results: Sequence[Accuracy], title: str, chance: Optional[float] = None, baseline: Optional[Accuracy] = None
+) -> str:
+    """A short plain-text table: accuracy and 95% CI per model, the paired difference against `baseline`."""
+    width = max([len(r.name) for r in results] + [10])
+    lines = [title, f"{'model':<{width}}  {'accuracy':>8}  95% CI (Wilson)      n"]
+    for result in results:
+        low, high = result.interval
+        lines.append(
+            f"{result.name:<{width}}  {100 * result.value:7.1f}%  [{100 * low:5.1f}, {100 * high:5.1f}]   {result.n}"
+        )
+    if baseline is not None:
+        for result in results:
+            if result is baseline:
+                continue
+            mean, low, high = paired_bootstrap(baseline.correct, result.correct)
+            lines.append(
+                f"{'difference':<{width}}  {100 * mean:+7.1f}   [{100 * low:+5.1f}, {100 * high:+5.1f}] points "
+                f"({result.name} - {baseline.name}, paired bootstrap)"
+            )
+    if chance is not None:
+        lines.append(f"{'chance':<{width}}  {100 * chance:7.1f}%")
+    return "\n".join(lines)

