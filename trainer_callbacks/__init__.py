@@ -1,0 +1,43 @@
+"""TRL integration of moe-peft-plugin: an `SFTTrainer` that trains MOELORA adapters right, and its callbacks.
+
+```py
+import moe_peft_plugin  # registers MOELORA with peft
+from trainer_callbacks import MoeLoraSFTConfig, MoeLoraSFTTrainer
+```
+"""
+
+import moe_peft_plugin  # noqa: F401  (registers MOELORA with peft before any adapter is created or loaded)
+
+from .callbacks import (
+    HEATMAP_FILENAME,
+    MoeLoraTrainerCallback,
+    RouterLoadHeatmapCallback,
+    RouterLossWarmupCallback,
+    RoutingCollapseCallback,
+    save_load_heatmap,
+)
+from .coefficients import RouterLossCoefficients
+from .config import MoeLoraSFTConfig
+from .distributed import deepspeed_requested, setup_deepspeed_without_cuda, with_configured_state
+from .sft_trainer import MoeLoraSFTTrainer
+from .stats import LayerRouting, LoadHeatmap, RouterStatsTracker, RoutingWindow
+
+
+__all__ = [
+    "HEATMAP_FILENAME",
+    "LayerRouting",
+    "LoadHeatmap",
+    "MoeLoraSFTConfig",
+    "MoeLoraSFTTrainer",
+    "MoeLoraTrainerCallback",
+    "RouterLoadHeatmapCallback",
+    "RouterLossCoefficients",
+    "RouterLossWarmupCallback",
+    "RouterStatsTracker",
+    "RoutingCollapseCallback",
+    "RoutingWindow",
+    "deepspeed_requested",
+    "save_load_heatmap",
+    "setup_deepspeed_without_cuda",
+    "with_configured_state",
+]

@@ -1,0 +1,221 @@
+"""Trainer callbacks for MOELORA training: router-loss warm-up, routing-collapse warning, expert-load heatmap.
+
+They work with [`MoeLoraSFTTrainer`], which binds them to its routing statistics and router-loss coefficients (also
+when they are passed in `callbacks=` or added with `trainer.add_callback`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .stats import LoadHeatmap
+
+
+if TYPE_CHECKING:
+    from .sft_trainer import MoeLoraSFTTrainer
+
+
+logger = logging.getLogger(__name__)
+
+HEATMAP_FILENAME = "router_load_heatmap.png"
+
+
+class MoeLoraTrainerCallback(TrainerCallback):
+    """Base class of the callbacks that need a [`MoeLoraSFTTrainer`]; the trainer calls `bind` on them."""
+
+    def __init__(self) -> None:
+        self._trainer: Optional[MoeLoraSFTTrainer] = None
+
+    def bind(self, trainer: MoeLoraSFTTrainer) -> None:
+        self._trainer = trainer
+
+    def _require_trainer(self) -> MoeLoraSFTTrainer:
+        if self._trainer is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the routing statistics of a `trainer_callbacks.MoeLoraSFTTrainer`; it was "
+                "not added to one."
+            )
+        return self._trainer
+
+
+class RouterLossWarmupCallback(MoeLoraTrainerCallback):
+    """
+    Ramp the router-loss coefficients linearly from 0 to their configured value (like a learning-rate warm-up), so that
+    the routers do not get pushed to uniform routing before the experts have learnt anything.
+
+    The factor at optimizer step `s` is `min(1, s / warmup_steps)`; it depends only on the global step, so a resumed
+    run continues the same schedule. `MoeLoraSFTConfig(moelora_loss_warmup_steps=...)` adds this callback.
+
+    Args:
+        warmup_steps (`float`): number of optimizer steps (int >= 1), or a fraction of the training steps (in (0, 1)).
+    """
+
+    def __init__(self, warmup_steps: float) -> None:
+        super().__init__()
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)) or warmup_steps <= 0:
+            raise ValueError(f"`warmup_steps` must be > 0, got {warmup_steps!r}.")
+        self.warmup_steps = warmup_steps
+        self._num_steps: Optional[int] = None
+
+    def factor(self, step: int) -> float:
+        num_steps = self._num_steps or max(1, int(self.warmup_steps))
+        return min(1.0, step / num_steps)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._require_trainer()
+        if self.warmup_steps < 1:
+            self._num_steps = max(1, int(np.ceil(self.warmup_steps * state.max_steps)))
+        else:
+            self._num_steps = int(self.warmup_steps)
+        self._apply(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._apply(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        coefficients = self._require_trainer().router_loss_coefficients
+        if coefficients is not None:
+            coefficients.set_scale(1.0)
+
+    def _apply(self, step: int) -> None:
+        coefficients = self._require_trainer().router_loss_coefficients
+        if coefficients is not None:
+            coefficients.set_scale(self.factor(step))
+
+
+class RoutingCollapseCallback(MoeLoraTrainerCallback):
+    """
+    Warn when routing collapses: an expert receives less than `threshold` of its layer's tokens in `patience`
+    consecutive training logging windows. Each expert is reported once until it recovers.
+
+    The experts currently reported are in `collapsed` (`{(layer, expert): first step seen dead}`), so that scripts
+    can react (e.g. stop training through a callback of their own).
+
+    Args:
+        patience (`int`): consecutive logging windows an expert must stay dead before the warning.
+        threshold (`float`, *optional*): token share below which an expert is dead; the trainer's
+            `router_dead_expert_threshold` by default.
+    """
+
+    def __init__(self, patience: int = 3, threshold: Optional[float] = None) -> None:
+        super().__init__()
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"`patience` must be an int >= 1, got {patience!r}.")
+        if threshold is not None and not 0 <= threshold < 1:
+            raise ValueError(f"`threshold` must be in [0, 1), got {threshold!r}.")
+        self.patience = patience
+        self.threshold = threshold
+        self.collapsed: dict[tuple[str, int], int] = {}
+        self._dead_since: dict[tuple[str, int], int] = {}
+        self._streak: dict[tuple[str, int], int] = {}
+        self._seen_windows = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        stats = self._require_trainer().router_stats
+        if stats is None or stats.num_windows["train"] == self._seen_windows:
+            return
+        self._seen_windows = stats.num_windows["train"]
+        threshold = stats.dead_expert_threshold if self.threshold is None else self.threshold
+        dead = set(stats.latest["train"].dead_experts(threshold))
+        self._streak = {key: self._streak.get(key, 0) + 1 for key in dead}
+        for key in dead:
+            self._dead_since.setdefault(key, state.global_step)
+        for key in list(self._dead_since):
+            if key not in dead:
+                del self._dead_since[key]
+                self.collapsed.pop(key, None)
+        new = sorted(
+            key for key, streak in self._streak.items() if streak >= self.patience and key not in self.collapsed
+        )
+        if not new:
+            return
+        for key in new:
+            self.collapsed[key] = self._dead_since[key]
+        if state.is_world_process_zero:
+            by_layer: dict[str, list[int]] = {}
+            for layer, expert in new:
+                by_layer.setdefault(layer, []).append(expert)
+            shown = "; ".join(f"{layer}: experts {experts}" for layer, experts in list(by_layer.items())[:8])
+            more = f"; and {len(by_layer) - 8} more layers" if len(by_layer) > 8 else ""
+            logger.warning(
+                f"Routing collapse at step {state.global_step}: {len(new)} expert(s) in {len(by_layer)} layer(s) got "
+                f"less than {threshold:.1%} of their layer's tokens for {self.patience} logging windows ({shown}{more}). "
+                "Consider a larger `moelora_aux_loss_coef` (load balancing), router jitter/noise, or a lower learning "
+                "rate for the routers; see the expert-load heatmap."
+            )
+
+
+class RouterLoadHeatmapCallback(MoeLoraTrainerCallback):
+    """
+    Write a heatmap of the expert load (layers x experts; the share of routing decisions each expert received since
+    the previous heatmap) as a PNG into each checkpoint folder and into `output_dir` at the end of training. A healthy
+    router shows an even colour per row; a collapsed one a single bright cell per row.
+
+    Args:
+        filename (`str`, *optional*, defaults to `"router_load_heatmap.png"`): name of the PNG file.
+    """
+
+    def __init__(self, filename: str = HEATMAP_FILENAME) -> None:
+        super().__init__()
+        _require_matplotlib()
+        self.filename = filename
+        self.written: list[str] = []
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self._write(folder, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write(args.output_dir, state)
+
+    def _write(self, folder: str, state) -> None:
+        stats = self._require_trainer().router_stats
+        heatmap = None if stats is None else stats.take_heatmap()
+        if heatmap is None or not state.is_world_process_zero:
+            return
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, self.filename)
+        save_load_heatmap(heatmap, path, title=f"Expert load (share of routing decisions), step {state.global_step}")
+        self.written.append(path)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "The expert-load heatmap needs matplotlib: `pip install matplotlib` (or `pip install moe-peft-plugin[trl]`), "
+            "or set `router_load_heatmap=False`."
+        ) from err
+
+
+def save_load_heatmap(heatmap: LoadHeatmap, path: str, title: str = "Expert load") -> None:
+    """Plot `heatmap` (layers x experts) to a PNG file, without touching pyplot's global state."""
+    _require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    num_layers, num_experts = heatmap.loads.shape
+    label_width = 0.07 * max((len(name) for name in heatmap.layer_names), default=0)
+    figure = Figure(
+        figsize=(min(2.5 + label_width + 0.5 * num_experts, 24), min(1.5 + 0.22 * num_layers, 60)), dpi=100
+    )
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    masked = np.ma.masked_invalid(heatmap.loads)
+    image = axes.imshow(masked, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(masked.max()), 1e-6))
+    image.cmap.set_bad("lightgrey")  # MoLA: layers with fewer experts
+    axes.set_xticks(range(num_experts))
+    axes.set_xlabel("expert")
+    step = max(1, num_layers // 60)
+    axes.set_yticks(range(0, num_layers, step))
+    axes.set_yticklabels(heatmap.layer_names[::step], fontsize=max(4, 9 - num_layers // 40))
+    axes.set_title(title, fontsize=10)
+    figure.colorbar(image, ax=axes, label=f"share of routing decisions (uniform: 1/{num_experts})")
+    figure.savefig(path, format="png", bbox_inches="tight")

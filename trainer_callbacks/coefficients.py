@@ -1,0 +1,97 @@
+"""Runtime control of the router-loss coefficients of the MOELORA layers of a model (overrides and warm-up).
+
+The layers read their coefficients from `layer.routing_options[adapter]` on every forward (and on the recomputation in
+the backward pass), so writing there takes effect at the next step. moe_peft_plugin has no public setter for them yet;
+this module is the one place that writes them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from moe_peft_plugin import MoeLoraLayer
+
+
+COEFFICIENTS = ("aux_loss_coef", "router_z_loss_coef", "contrastive_loss_coef", "gate_balance_loss_coef")
+
+
+def moelora_layers(model: nn.Module) -> list[MoeLoraLayer]:
+    """The MOELORA layers of `model` (a `PeftModel`, a tuner, a wrapped or an unwrapped model), in model order."""
+    return [module for module in model.modules() if isinstance(module, MoeLoraLayer)]
+
+
+class RouterLossCoefficients:
+    """
+    The router-loss coefficients of every MOELORA adapter in a model: base values (the adapter config, or the
+    overrides given here) times a global `scale` (the warm-up factor).
+
+    Args:
+        model (`nn.Module`): The model holding the MOELORA layers.
+        overrides (`dict[str, float]`, *optional*): New base values, keyed like `MoeLoraConfig`
+            (`{"aux_loss_coef": 0.02}`). They are written into the layers and into the adapters' `peft_config`, so that
+            the saved `adapter_config.json` records the coefficients that were trained with.
+
+    Raises:
+        ValueError: if `overrides` are given but the model has no MOELORA layer, or if `gate_balance_loss_coef` is
+            set for an adapter whose router is not `"soft"`.
+    """
+
+    def __init__(self, model: nn.Module, overrides: Optional[dict[str, float]] = None) -> None:
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(COEFFICIENTS))
+        if unknown:
+            raise ValueError(f"Unknown router-loss coefficients {unknown}; valid: {list(COEFFICIENTS)}.")
+        self.layers = moelora_layers(model)
+        if overrides and not self.layers:
+            raise ValueError(
+                f"Router-loss coefficients {overrides} were set, but the model has no MOELORA adapter: pass a "
+                "`MoeLoraConfig` as `peft_config`, or a model wrapped with one."
+            )
+        if overrides.get("gate_balance_loss_coef"):
+            for layer in self.layers:
+                for adapter, options in layer.routing_options.items():
+                    if options["router_type"] != "soft":
+                        raise ValueError(
+                            "`moelora_gate_balance_loss_coef` (MoLE) requires soft routing, but adapter "
+                            f"{adapter!r} uses router_type={options['router_type']!r}."
+                        )
+        for layer in self.layers:
+            for options in layer.routing_options.values():
+                options.update(overrides)
+        if overrides:
+            for config in _peft_configs(model):
+                for key, value in overrides.items():
+                    setattr(config, key, value)
+        self._base = [
+            (options, {key: options[key] for key in COEFFICIENTS})
+            for layer in self.layers
+            for options in layer.routing_options.values()
+        ]
+        self.scale = 1.0
+
+    def set_scale(self, scale: float) -> None:
+        """Multiply every base coefficient by `scale` (1.0 restores them)."""
+        self.scale = float(scale)
+        for options, base in self._base:
+            for key, value in base.items():
+                options[key] = value * self.scale
+
+    def any_active(self) -> bool:
+        """Whether a router loss of an active adapter currently has a non-zero coefficient."""
+        return any(
+            layer.routing_options[adapter][key] > 0
+            for layer in self.layers
+            for adapter in layer.active_adapters
+            if adapter in layer.routing_options
+            for key in COEFFICIENTS
+        )
+
+
+def _peft_configs(model: nn.Module) -> list:
+    """The MOELORA adapter configs of `model` (a `PeftModel` and its tuner share one `peft_config` dict)."""
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict):
+        return []
+    return [config for config in peft_config.values() if getattr(config, "peft_type", None) == "MOELORA"]
