@@ -34,12 +34,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import moe_peft_plugin  # noqa: F401  (registers MOELORA)
 from moe_peft_plugin import MoeLoraConfig
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from tests.reference import reference_contrastive  # noqa: E402  (the plain loop the unit tests check against)
 
 
 # Targets of the performance issue.
@@ -156,25 +159,6 @@ def zero_grads(tuner: nn.Module, x: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def contrastive_reference(
-    tokens: torch.Tensor, A: torch.Tensor, B: torch.Tensor, selected: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """MoELoRA's InfoNCE loss the plain way, materialising every expert output `y[t, e] = B_e A_e x_t`.
-
-    Positive of a selected pair `(t, e)`: the normalised mean unit output of expert `e` over its selected tokens;
-    negatives: the prototypes of the other experts that received tokens; mean over the selected pairs.
-    """
-    num_experts = A.shape[0]
-    unit = F.normalize(torch.stack([tokens @ A[e].T @ B[e].T for e in range(num_experts)], dim=1), dim=-1)
-    active = [e for e in range(num_experts) if selected[:, e].any()]
-    protos = torch.stack([F.normalize(unit[selected[:, e], e].mean(0), dim=0) for e in active])  # (active, out)
-    terms = []
-    for e in active:
-        logits = unit[selected[:, e], e] @ protos.T / temperature  # (tokens routed to e, active)
-        terms.append(-logits.log_softmax(-1)[:, active.index(e)])
-    return torch.cat(terms).mean()
-
-
 def reference_loss(layer, x: torch.Tensor, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`(y, aux_loss)` computed the plain way (per-expert loop) from the parameters of a MOELORA `layer`."""
     A, B = layer.moelora_A["default"], layer.moelora_B["default"]  # (E, r, in), (E, out, r)
@@ -213,7 +197,7 @@ def reference_loss(layer, x: torch.Tensor, options: dict) -> tuple[torch.Tensor,
     if options["gate_balance_loss_coef"]:
         aux = aux - options["gate_balance_loss_coef"] * torch.log(gates.mean(0)).sum()
     if options["contrastive_loss_coef"]:
-        contrastive = contrastive_reference(tokens, A, B, selected, options["contrastive_temperature"])
+        contrastive = reference_contrastive(tokens, A, B, selected, options["contrastive_temperature"])
         aux = aux + options["contrastive_loss_coef"] * contrastive
     y = y.reshape(*x.shape[:-1], -1)
     return y, aux
