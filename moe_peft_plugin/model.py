@@ -118,6 +118,15 @@ class MoeLoraModel(BaseTuner):
         if "_routing_hooks" not in self.__dict__:
             self._register_routing_hooks(model)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # peft upcasts bf16/fp16 adapter tensors to float32 by re-assigning them into their `ParameterDict`, which wraps
+        # each one in a new `nn.Parameter` with `requires_grad=True`: frozen experts (MoLE) would silently train.
+        requires_grad = {name: param.requires_grad for name, param in self.model.named_parameters()}
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for name, param in self.model.named_parameters():
+            if requires_grad.get(name, param.requires_grad) != param.requires_grad:
+                param.requires_grad_(requires_grad[name])
+
     def _prepare_adapter_config(self, peft_config: MoeLoraConfig, model_config: dict) -> MoeLoraConfig:
         if peft_config.expert_adapters:
             experts = load_lora_experts(self.model, peft_config.expert_adapters)

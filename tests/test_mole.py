@@ -34,14 +34,16 @@ def lora_dirs(tmp_path_factory):
     ]
 
 
-def _mole(lora_dirs, **kwargs):
+def _mole(lora_dirs, dtype=torch.float32, **kwargs):
     base, tokenizer = build_tiny_llama()
     config = MoeLoraConfig(expert_adapters=lora_dirs, task_type="CAUSAL_LM", **kwargs)
-    return get_peft_model(base, config), tokenizer
+    return get_peft_model(base.to(dtype), config), tokenizer
 
 
-def test_mole_defaults_and_frozen_experts(lora_dirs):
-    model, _ = _mole(lora_dirs)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mole_defaults_and_frozen_experts(lora_dirs, dtype):
+    # On a bf16 base, peft upcasts the adapter tensors to float32 (`autocast_adapter_dtype`): they stay frozen.
+    model, _ = _mole(lora_dirs, dtype=dtype)
     config = model.peft_config["default"]
     assert (config.num_experts, config.router_type, config.freeze_experts) == (3, "soft", True)
     assert config.learn_router_temperature and config.expert_names == ["math", "code", "chat"]
@@ -49,6 +51,7 @@ def test_mole_defaults_and_frozen_experts(lora_dirs):
     assert trainable == {"moelora_router", "moelora_log_temperature"}
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.moelora_A["default"].shape == (3, 8, 64)  # padded to the largest rank
+    assert layer.moelora_A["default"].dtype == torch.float32
     assert not hasattr(model.base_model.model.model.layers[0].mlp.up_proj, "moelora_A")
 
 
