@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from moe_peft_plugin import MoeLoraConfig, MoeLoraMergeError
+from moe_peft_plugin import MoeLoraConfig, MoeLoraMergeError, losses
 
 from .helpers import batch, build_tiny_llama
 
@@ -201,6 +201,22 @@ def test_generation_with_kv_cache_matches_no_cache(name, kwargs):
     without_cache = model.generate(**inputs, use_cache=False, **kwargs_gen)
     assert torch.equal(with_cache, without_cache)
     assert with_cache.shape[1] == inputs["input_ids"].shape[1] + 6
+
+
+def test_cached_decoding_only_routes(monkeypatch):
+    model, tokenizer = _peft_model(dict(num_experts=4, top_k=2, aux_loss_coef=0.01, router_z_loss_coef=0.001))
+    model.eval()
+    inputs = batch(tokenizer)
+    calls = []
+    for name in ("load_balancing_loss", "router_z_loss", "expert_load", "router_entropy"):
+        original = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    kwargs_gen = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    model.generate(**inputs, use_cache=True, **kwargs_gen)
+    assert calls == []
+    with torch.no_grad():  # an evaluation forward still computes them (the trainer logs them as eval metrics)
+        outputs = model(**inputs)
+    assert outputs.aux_loss > 0 and {"load_balancing_loss", "router_z_loss", "expert_load"} <= set(calls)
 
 
 def test_padding_tokens_do_not_change_router_losses():
