@@ -63,6 +63,8 @@ MOLE_TASKS = ("arc_easy", "piqa", "social_iqa")
 AUX_LOSS_COEF = 0.01
 CONTRASTIVE_LOSS_COEF = 0.01  # CoMoE's best value
 GATE_BALANCE_LOSS_COEF = 0.1
+# Only the gates (a few hundred thousand parameters) train in MoLE: the same learning rate as the LoRAs, and 10x.
+MOLE_LEARNING_RATES = {"mole": 1e-3, "mole_lr1e-2": 1e-2}
 
 
 @dataclass
@@ -129,12 +131,13 @@ def plan(studies: Sequence[str], seeds: Sequence[int], max_steps: int, eval_size
         runs += loras
         inputs = [lora.run_dir for lora in loras]
         runs.append(RunSpec("linear_merge", "mole", "merge", 0, [], tasks, inputs=inputs, **common))
-        for seed in seeds:
-            adapter = dict(router_type="soft", aux_loss_coef=0.0, gate_balance_loss_coef=GATE_BALANCE_LOSS_COEF)
-            runs.append(
-                RunSpec("mole", "mole", "mole", seed, tasks, tasks, adapter, learning_rate=1e-3, inputs=inputs,
-                        mask_experts=seed == seeds[0], **common)
-            )  # fmt: skip
+        adapter = dict(router_type="soft", aux_loss_coef=0.0, gate_balance_loss_coef=GATE_BALANCE_LOSS_COEF)
+        for name, learning_rate in MOLE_LEARNING_RATES.items():
+            for seed in seeds:
+                runs.append(
+                    RunSpec(name, "mole", "mole", seed, tasks, tasks, adapter, learning_rate=learning_rate,
+                            inputs=inputs, mask_experts=seed == seeds[0], **common)
+                )  # fmt: skip
     return runs
 
 
@@ -563,11 +566,14 @@ def table_mole(results: Sequence[dict]) -> list[str]:
             row(f"LoRA trained on {task}", [r["eval"] for r in groups[f"lora_{task}"]])
     if "linear_merge" in groups:
         row("arithmetic merge of the 3 LoRAs (weights 1/3)", [r["eval"] for r in groups["linear_merge"]])
-    if "mole" in groups:
-        row(f"MoLE gating (seeds {_seeds(groups['mole'])})", [r["eval"] for r in groups["mole"]])
-        for r in groups["mole"]:
+    for name, learning_rate in MOLE_LEARNING_RATES.items():
+        if name not in groups:
+            continue
+        label = f"MoLE gating, lr {learning_rate:g}"
+        row(f"{label} (seeds {_seeds(groups[name])})", [r["eval"] for r in groups[name]])
+        for r in groups[name]:
             for masked, evals in r.get("masked", {}).items():
-                row(f"MoLE seed {r['spec']['seed']}, {masked.split('-seed')[0]} masked", [evals])
+                row(f"{label}, seed {r['spec']['seed']}, {masked.split('-seed')[0]} masked", [evals])
     return lines
 
 
@@ -682,38 +688,40 @@ def claims_table(results: Sequence[dict]) -> list[str]:
     def task_mean(run):
         return float(np.mean([run["eval"][t]["accuracy"] for t in MOLE_TASKS]))
 
-    add(
-        "MoLE beats the arithmetic merge (mean of the 3 tasks)",
-        "yes (MoLE paper)",
-        _pairs(groups, "linear_merge", "mole"),
-        task_mean,
-        MOLE_TASKS,
-    )
     singles = [f"lora_{t}" for t in MOLE_TASKS if f"lora_{t}" in groups]
-    if singles:
-        best = max(singles, key=lambda name: task_mean(groups[name][0]))
+    best = max(singles, key=lambda name: task_mean(groups[name][0])) if singles else None
+    for name, learning_rate in MOLE_LEARNING_RATES.items():
+        mole = f"MoLE (lr {learning_rate:g})"
         add(
-            f"MoLE beats the best single LoRA ({best}, mean of the 3 tasks)",
+            f"{mole} beats the arithmetic merge (mean of the 3 tasks)",
             "yes (MoLE paper)",
-            _pairs(groups, best, "mole"),
+            _pairs(groups, "linear_merge", name),
             task_mean,
             MOLE_TASKS,
         )
-    for run in groups.get("mole", []):
-        for masked, evals in run.get("masked", {}).items():
-            own = masked.split("-seed")[0].removeprefix("lora_")
-            if own not in evals:
-                continue
-            # Paired over the questions of the task: the unmasked model as "b", the masked one as "a".
-            pair = ({"eval": evals}, run)
-            drop = accuracy(own)(run) - accuracy(own)(pair[0])
-            se = question_standard_error([pair], [own])
-            found = "yes" if drop > 2 * se else ("no: it helps" if drop < -2 * se else "not resolved")
-            rows.append(
-                f"| Masking {masked.split('-seed')[0]} costs accuracy on its own task (seed {run['spec']['seed']}) | "
-                f"masking is the paper's inference-time control | {100 * drop:+.1f} points ({own}; question s.e. "
-                f"{100 * se:.1f}) | {found} |"
+        if best:
+            add(
+                f"{mole} beats the best single LoRA ({best}, mean of the 3 tasks)",
+                "yes (MoLE paper)",
+                _pairs(groups, best, name),
+                task_mean,
+                MOLE_TASKS,
             )
+        for run in groups.get(name, []):
+            for masked, evals in run.get("masked", {}).items():
+                own = masked.split("-seed")[0].removeprefix("lora_")
+                if own not in evals:
+                    continue
+                # Paired over the questions of the task: the unmasked model as "b", the masked one as "a".
+                pair = ({"eval": evals}, run)
+                drop = accuracy(own)(run) - accuracy(own)(pair[0])
+                se = question_standard_error([pair], [own])
+                found = "yes" if drop > 2 * se else ("no: it helps" if drop < -2 * se else "not resolved")
+                rows.append(
+                    f"| {mole}: masking {masked.split('-seed')[0]} costs accuracy on its own task (seed "
+                    f"{run['spec']['seed']}) | masking is the paper's inference-time control | {100 * drop:+.1f} "
+                    f"points ({own}; question s.e. {100 * se:.1f}) | {found} |"
+                )
     if not rows:
         return []
     return [
@@ -869,10 +877,20 @@ def report(out_dir: Path) -> Path:
         plot_loss_curves(out_dir / "mola_loss.png", results, "mola", LABELS)
     if any(r["spec"]["study"] == "mole" for r in results):
         lines += ["## MoLE: fusing three task LoRAs", "", *table_mole(results), ""]
+        groups = _group(results, "mole")
+        for name, learning_rate in MOLE_LEARNING_RATES.items():
+            routing = [r["routing"] for r in groups.get(name, []) if r.get("routing")]
+            if routing:
+                lines.append(
+                    f"- MoLE, lr {learning_rate:g}: gate entropy / ln E after training "
+                    f"{mean_std([x['entropy_over_lnE'] for x in routing], 1.0, 3)} (1 = uniform gates, which make MoLE "
+                    f"exactly the arithmetic merge), max load × E {mean_std([x['max_load_x_E'] for x in routing], 1.0, 2)}"
+                )
+        lines.append("")
         lines += [
             "Each LoRA (r=8, all linear layers) is trained on one task; MoLE keeps them frozen as the experts of "
             "every layer and trains only the gates and the temperature (soft routing, gating-balance loss "
-            f"{GATE_BALANCE_LOSS_COEF}) on the union of the three training sets. The masked rows evaluate the seed-0 "
+            f"{GATE_BALANCE_LOSS_COEF}) on the union of the three training sets. The masked rows evaluate a seed-0 "
             "MoLE model with one LoRA removed at inference (`model.base_model.expert_mask(...)`); the remaining gates "
             "are renormalised.",
             "",

@@ -53,6 +53,7 @@ def test_plan_runs_inputs_first_and_seeds_every_trained_comparison(science):
         by_name.setdefault(run.name, []).append(run.seed)
     for name in ("lora_r64", "moelora", "moelora_contrastive", "mola_2468", "mola_5555", "mola_8642", "mole"):
         assert by_name[name] == [0, 1, 2], name
+    assert by_name["mole_lr1e-2"] == [0, 1, 2]
     mole = [r for r in runs if r.name == "mole"]
     assert [r.mask_experts for r in mole] == [True, False, False]
     assert all(r.adapter["router_type"] == "soft" and len(r.inputs) == 3 for r in mole)
@@ -174,12 +175,12 @@ def test_report_tables_pair_by_seed_and_plots_are_pngs(science, tmp_path):
         "| The contrastive loss makes expert outputs more distinct (lower similarity) | its purpose | +0.100" in text
     )
     assert (
-        "| MoLE beats the arithmetic merge (mean of the 3 tasks) | yes (MoLE paper) | +10.0 ± 0.0 points (n=3; question s.e. 0.0)"
+        "| MoLE (lr 0.001) beats the arithmetic merge (mean of the 3 tasks) | yes (MoLE paper) | +10.0 ± 0.0 points (n=3; question s.e. 0.0)"
         in text
     )
-    assert "| MoLE gating (seeds 0,1,2) | 60.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 |" in text
+    assert "| MoLE gating, lr 0.001 (seeds 0,1,2) | 60.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 |" in text
     for task in science.MOLE_TASKS:
-        assert f"| Masking lora_{task} costs accuracy on its own task (seed 0) |" in text
+        assert f"| MoLE (lr 0.001): masking lora_{task} costs accuracy on its own task (seed 0) |" in text
         assert f"+10.0 points ({task}; question s.e. 0.0) | yes |" in text
     for png in ("moelora_accuracy.png", "moelora_loss.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
