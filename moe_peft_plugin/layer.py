@@ -7,6 +7,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
@@ -14,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import losses
 from .config import MoeLoraConfig
-from .routing import expert_down, expert_up, route, router_logits
+from .routing import expert_down, expert_up, inference_expert_up, inference_gates, route, router_logits
 from .state import ForwardContext, RouterRecord, RoutingState, inject_router_loss
 
 
@@ -55,6 +56,7 @@ class MoeLoraLayer(BaseTunerLayer):
         # Per instance, so that freezing the experts of one adapter does not leak into other layers.
         self.frozen_peft_weight_names = {}
         self._routing_state: Optional[RoutingState] = None
+        self._inference_cache: dict[str, tuple] = {}  # see `_inference_weights`
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -219,6 +221,11 @@ class Linear(nn.Module, MoeLoraLayer):
         tokens = x.reshape(-1, x.shape[-1])  # (tokens, in)
         token_weight = context.token_weight(batch_shape) if context is not None else None
 
+        if context is None and not self.training and not torch.is_grad_enabled():
+            # Inference without router losses (cached decoding): the same output in the fewest operations.
+            update = self._inference_update(tokens, adapter_name)
+            return result + update.reshape(*batch_shape, -1).to(result.dtype)
+
         h = expert_down(self.moelora_dropout[adapter_name](tokens), lora_A)  # (tokens, E*r)
         if self.num_experts[adapter_name] == 1:
             update = expert_up(h, tokens.new_ones(tokens.shape[0], 1), None, lora_B, self.scaling[adapter_name])
@@ -278,6 +285,54 @@ class Linear(nn.Module, MoeLoraLayer):
                 )
             )
         return result
+
+    def train(self, mode: bool = True):
+        self._inference_cache.clear()
+        return super().train(mode)
+
+    def _inference_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(down, up)` for inference: `[A_1; ...; A_E; router]` as `(E*r + E, in)` (one matmul gives the expert inputs
+        and the router logits; without the router rows if it has another dtype) and `[B_1 ... B_E]` as `(out, E*r)`.
+
+        Cached per adapter so that decoding does not copy the weights at every token; rebuilt whenever a tensor is
+        replaced or modified in place (its storage or autograd version changes) and dropped by `train()`. Writes through
+        `param.data` bypass version counting (as they bypass autograd): call `train()`/`eval()` after them.
+        """
+        lora_A, lora_B = self.moelora_A[adapter_name], self.moelora_B[adapter_name]
+        router = self.moelora_router.get(adapter_name)  # None with a single expert
+        tensors = (lora_A, lora_B) if router is None else (lora_A, lora_B, router)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        cached = self._inference_cache.get(adapter_name)
+        if cached is None or cached[0] != key:
+            down = lora_A.flatten(0, 1)
+            if router is not None and router.dtype == lora_A.dtype and lora_A.dtype in (torch.float32, torch.float64):
+                down = torch.cat([down, router])
+            up = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1).contiguous()
+            cached = self._inference_cache[adapter_name] = (key, down, up)
+        return cached[1], cached[2]
+
+    def _inference_update(self, tokens: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's output in eval mode without autograd or a routing context: no losses, no statistics."""
+        down, up = self._inference_weights(adapter_name)
+        num_experts, rank = self.num_experts[adapter_name], self.r[adapter_name]
+        h = F.linear(tokens, down)
+        if num_experts == 1:
+            return F.linear(h, up) * self.scaling[adapter_name]
+        if h.shape[-1] > num_experts * rank:  # the router rows were fused into `down`
+            h, logits = h[:, : num_experts * rank], h[:, num_experts * rank :]
+        else:
+            logits = router_logits(tokens, self.moelora_router[adapter_name])
+        options = self.routing_options[adapter_name]
+        log_temperature = self.moelora_log_temperature.get(adapter_name)
+        mask = self.expert_mask[adapter_name]
+        gates = inference_gates(
+            logits,
+            top_k=self.top_k[adapter_name],
+            router_type=options["router_type"],
+            temperature=options["temperature"] if log_temperature is None else log_temperature.to(logits.dtype).exp(),
+            expert_mask=None if mask is None else mask.to(logits.device),
+        )
+        return inference_expert_up(h, gates, up, num_experts, self.scaling[adapter_name])
 
     def _route(
         self,

@@ -170,3 +170,39 @@ def expert_up(
         scaling: the LoRA scaling.
     """
     return _GatedExpertUp.apply(h, weights, index, lora_B, scaling)
+
+
+def inference_gates(
+    logits: torch.Tensor,
+    top_k: int,
+    router_type: str,
+    temperature: torch.Tensor | float = 1.0,
+    expert_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The dense `(tokens, num_experts)` gates of [`route`] (without noise) in as few operations as possible.
+
+    Cached decoding runs every layer on one token at a time, where the cost is the number of operations, not their
+    size. The top-k weights are the softmax over the selected logits, which equals the renormalised probabilities.
+    """
+    if not (isinstance(temperature, float) and temperature == 1.0):
+        logits = logits / temperature
+    if expert_mask is not None:
+        logits = logits.masked_fill(~expert_mask, torch.finfo(logits.dtype).min)
+    num_experts = logits.shape[-1]
+    if router_type == "soft" or top_k >= num_experts:
+        gates = logits.softmax(dim=-1)
+        return gates if expert_mask is None else gates * expert_mask
+    values, index = logits.topk(top_k, dim=-1)
+    weights = values.softmax(dim=-1) if top_k > 1 else logits.softmax(dim=-1).gather(-1, index)
+    return torch.zeros_like(logits).scatter_(-1, index, weights)
+
+
+def inference_expert_up(
+    h: torch.Tensor, gates: torch.Tensor, up: torch.Tensor, num_experts: int, scaling: float
+) -> torch.Tensor:
+    """`expert_up` for inference (no autograd), with `up` = `[B_1 ... B_E]` laid out as `(out, E*r)`."""
+    gates = gates.to(h.dtype)
+    if scaling != 1.0:
+        gates = gates * scaling
+    gated = (h.unflatten(-1, (num_experts, -1)) * gates.unsqueeze(-1)).flatten(-2)
+    return F.linear(gated, up)

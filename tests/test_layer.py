@@ -44,6 +44,52 @@ def _make(kwargs, seed=0):
 
 
 @pytest.mark.parametrize("name,kwargs,mask", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
+def test_inference_path_matches_reference(name, kwargs, mask):
+    """Eval mode, no autograd and no surrounding model forward (cached decoding) takes the short inference path."""
+    model = _make(kwargs).eval()
+    layer = model.base_model.model.lin
+    if mask is not None:
+        model.set_expert_mask([i for i, keep in enumerate(mask) if keep])
+    with torch.no_grad():
+        if "default" in layer.moelora_log_temperature:
+            layer.moelora_log_temperature["default"].fill_(-0.3)
+        x = torch.randn(2, 7, 16, dtype=torch.float64)
+        calls = []
+        original = layer._inference_update
+        layer._inference_update = lambda *a: calls.append(1) or original(*a)
+        fast = layer(x)
+        assert calls or layer.num_experts["default"] == 1, "the inference path was not taken"
+        full = model(x)  # inside the model's routing context: the training-time path
+        temperature = kwargs.get("router_temperature", 1.0)
+        if "default" in layer.moelora_log_temperature:
+            temperature = layer.moelora_log_temperature["default"].exp()
+        ref, _, _, _ = reference_layer(
+            x.reshape(-1, 16),
+            layer.base_layer.weight,
+            layer.moelora_A["default"],
+            layer.moelora_B["default"],
+            layer.moelora_router["default"] if layer.num_experts["default"] > 1 else torch.zeros(1, 16).double(),
+            layer.top_k["default"],
+            layer.routing_options["default"]["router_type"],
+            layer.scaling["default"],
+            temperature,
+            None if mask is None else torch.tensor(mask),
+        )
+    torch.testing.assert_close(fast, ref.reshape_as(fast), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast, full, rtol=1e-10, atol=1e-10)
+    # The cached inference weights follow in-place updates (optimizer steps, load_state_dict) and replacements.
+    with torch.no_grad():
+        layer.moelora_B["default"].mul_(2.0)
+        if "default" in layer.moelora_router:
+            layer.moelora_router["default"].add_(0.5 * torch.randn_like(layer.moelora_router["default"]))
+        updated = layer(x)
+        assert not torch.allclose(updated, fast)
+        torch.testing.assert_close(updated, model(x), rtol=1e-10, atol=1e-10)
+        layer.moelora_A["default"] = torch.nn.Parameter(2 * layer.moelora_A["default"])
+        torch.testing.assert_close(layer(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,kwargs,mask", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
 def test_forward_backward_match_reference(name, kwargs, mask):
     model = _make(kwargs)
     layer = model.base_model.model.lin
