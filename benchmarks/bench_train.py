@@ -31,6 +31,7 @@ Usage (2 CPU cores; PASSIVE stops idle OpenMP threads from spinning between the 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py                    # roughly 15-25 min on 2 idle cores
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py --quick            # < 1 min, llama-d1024 (2 layers)
     python benchmarks/bench_train.py --models llama-d1024 --skip-4bit --json bench_train.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py --skip-train --skip-4bit   # generation only, ~2 min
     python benchmarks/bench_train.py --device cuda --batch 8 --seq 1024         # on a GPU
 """
 
@@ -439,19 +440,16 @@ def bench_model(label: str, base: nn.Module, source: str, args, dtype, device, p
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (args.batch, args.seq), generator=generator).to(device)
 
+    if args.skip_train:  # only the models the generation table needs
+        cases = [case for case in cases if case.name in (R8, R64, MOE)]
     progress(f"{label}: wrapping {len(cases)} configs")
     runners = [make_runner(case, base) for case in cases]
-    results = measure(runners, ids, args, device, label, problems)
-    adapter_dtypes = sorted({d for entry in results.values() for d in entry["adapter_dtypes"]})
-    print(
-        f"\n== {label}: {source} ({describe(base)}, {str(dtype).split('.')[-1]}; adapters "
-        f"{', '.join(adapter_dtypes)})  batch {args.batch}x{args.seq}  {device.type}, threads={torch.get_num_threads()}"
-        f"  median of {args.steps} (after {args.warmup} warmup) =="
-    )
-    failures = print_train_table(label, cases, results, device)
-    print(MEMORY_LEGEND)
     report = {"source": source, "description": describe(base), "batch": args.batch, "seq": args.seq}
-    report["train"] = results
+    failures = []
+    if not args.skip_train:
+        report["train"], failures = train_table(
+            label, base, source, cases, runners, ids, args, dtype, device, problems
+        )
 
     if not args.skip_generation:
         gen_models = {"base (no adapter)": base}
@@ -462,6 +460,19 @@ def bench_model(label: str, base: nn.Module, source: str, args, dtype, device, p
     del runners
     gc.collect()
     return report, failures
+
+
+def train_table(label, base, source, cases, runners, ids, args, dtype, device, problems) -> tuple[dict, list[str]]:
+    results = measure(runners, ids, args, device, label, problems)
+    adapter_dtypes = sorted({d for entry in results.values() for d in entry["adapter_dtypes"]})
+    print(
+        f"\n== {label}: {source} ({describe(base)}, {str(dtype).split('.')[-1]}; adapters "
+        f"{', '.join(adapter_dtypes)})  batch {args.batch}x{args.seq}  {device.type}, threads={torch.get_num_threads()}"
+        f"  median of {args.steps} (after {args.warmup} warmup) =="
+    )
+    failures = print_train_table(label, cases, results, device)
+    print(MEMORY_LEGEND)
+    return results, failures
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -633,6 +644,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 256; quick 64)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, i.e. OMP_NUM_THREADS)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--skip-train", action="store_true", help="no training steps: generation (and 4-bit) only")
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--gen-rounds", type=int, help="generation rounds (default 3; quick 2)")
     parser.add_argument("--gen-prompt", type=int, help="prompt tokens (default 64; quick 16)")
