@@ -314,13 +314,15 @@ class Linear(nn.Module, MoeLoraLayer):
     def _inference_update(self, tokens: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter's output in eval mode without autograd or a routing context: no losses, no statistics."""
         down, up = self._inference_weights(adapter_name)
-        num_experts, rank = self.num_experts[adapter_name], self.r[adapter_name]
-        h = F.linear(tokens, down)
-        if num_experts == 1:
-            return F.linear(h, up) * self.scaling[adapter_name]
-        if h.shape[-1] > num_experts * rank:  # the router rows were fused into `down`
-            h, logits = h[:, : num_experts * rank], h[:, num_experts * rank :]
-        else:
+        num_experts, rank_total = self.num_experts[adapter_name], up.shape[1]
+        fused = down.shape[0] > rank_total  # the router rows are part of `down`
+        if fused and not torch.is_autocast_enabled(tokens.device.type):
+            both = F.linear(tokens, down)
+            h, logits = both[:, :rank_total], both[:, rank_total:]
+        else:  # autocast would run a fused router in half precision
+            h = F.linear(tokens, down[:rank_total])
+            if num_experts == 1:
+                return F.linear(h, up) * self.scaling[adapter_name]
             logits = router_logits(tokens, self.moelora_router[adapter_name])
         options = self.routing_options[adapter_name]
         log_temperature = self.moelora_log_temperature.get(adapter_name)

@@ -268,3 +268,25 @@ def test_expert_mask_validation():
     with model.expert_mask([1]):
         assert layer.expert_mask["default"].tolist() == [False, True, False, False]
     assert layer.expert_mask["default"] is None
+
+
+def test_inference_path_keeps_the_router_in_float32_under_autocast(monkeypatch):
+    import moe_peft_plugin.layer as layer_module
+
+    torch.manual_seed(0)
+    model = get_peft_model(Tiny(64, 64), MoeLoraConfig(target_modules=["lin"], num_experts=4, init_weights=False))
+    model.eval()
+    layer = model.base_model.model.lin
+    calls = []
+    original = layer_module.router_logits
+    monkeypatch.setattr(layer_module, "router_logits", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = layer(x)
+        assert calls, "under autocast the router must not run inside the fused (bf16) matmul"
+        full = model(x)
+    torch.testing.assert_close(fast.float(), full.float(), rtol=2e-2, atol=2e-2)
+    calls.clear()
+    with torch.no_grad():
+        layer(x)
+    assert not calls  # without autocast the router rows are fused into the down-projection
