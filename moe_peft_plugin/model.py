@@ -236,7 +236,9 @@ class MoeLoraModel(BaseTuner):
 
     def _open_routing_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         state: RoutingState = self._routing_state
-        if state.active is None and kwargs.get("past_key_values") is not None and not torch.is_grad_enabled():
+        # transformers < 5.24 passes the KV cache as `past_key_values`, later versions as `cache`.
+        kv_cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if state.active is None and kv_cache is not None and not torch.is_grad_enabled():
             return  # cached decoding (`generate`): the layers only route; no router losses or statistics
         context = ForwardContext(attention_mask=kwargs.get("attention_mask"), parent=state.active)
         state.active = context

@@ -92,7 +92,7 @@ class RoutingState:
       their loss gradients scaled by its anchor.
     - Outside of it with gradients enabled, a layer is being recomputed by gradient checkpointing during the backward
       pass of the last forward that ran with gradients (`last_grad_forward`): it injects again, but records nothing.
-    - Otherwise (cached decoding: a forward with `past_key_values` under `no_grad`, as in `generate`; or the base model
+    - Otherwise (cached decoding: a forward with a KV cache under `no_grad`, as in `generate`; or the base model
       called directly under `no_grad`) layers just route.
     """
 
