@@ -813,7 +813,11 @@ def report(out_dir: Path) -> Path:
     ]
     if not results:
         lines.append("No finished runs yet.")
-    envs = {json.dumps({k: v for k, v in r["environment"].items() if k != "date"}, sort_keys=True) for r in results}
+    envs = {
+        json.dumps({k: v for k, v in r["environment"].items() if k not in ("date", "git_commit")}, sort_keys=True)
+        for r in results
+    }
+    commits = sorted({str(r["environment"].get("git_commit")) for r in results})
     if results:
         spec = results[0]["spec"]
         dates = sorted(r["environment"]["date"] for r in results)
@@ -823,6 +827,8 @@ def report(out_dir: Path) -> Path:
             "questions per task.",
             "",
             "Environment: " + "; ".join(f"`{e}`" for e in sorted(envs)),
+            "",
+            f"Code: commits {', '.join(commits)} (each run records its own; see `runs/*/result.json`).",
             "",
         ]
     task = MOELORA_TASK
