@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -439,7 +439,7 @@ def run_all(args) -> int:
                 print(f"  start {spec.run_dir}", flush=True)
             if not pending:
                 break
-            finished = next(iter(_as_completed(pending)))
+            finished = next(as_completed(pending))
             spec, status, seconds = finished.result()
             del pending[finished]
             if status == 0:
@@ -450,12 +450,6 @@ def run_all(args) -> int:
                 print(f"  FAIL  {spec.run_dir} (exit {status}; log {args.work_dir / spec.run_dir / 'log.txt'})")
     report(args.out_dir)
     return 1 if failed else 0
-
-
-def _as_completed(futures):
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
