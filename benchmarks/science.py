@@ -483,17 +483,6 @@ def _accuracies(runs: Sequence[dict], task: str) -> list[float]:
     return [r["eval"][task]["accuracy"] for r in runs if task in r["eval"]]
 
 
-def paired_difference(a_runs: Sequence[dict], b_runs: Sequence[dict], task: str) -> Optional[tuple[float, float]]:
-    """Mean and std over seeds of accuracy(b) - accuracy(a), pairing runs by seed."""
-    a = {r["spec"]["seed"]: r["eval"][task]["accuracy"] for r in a_runs}
-    b = {r["spec"]["seed"]: r["eval"][task]["accuracy"] for r in b_runs}
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    diffs = [b[s] - a[s] for s in seeds]
-    return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan")
-
-
 def _seeds(runs: Sequence[dict]) -> str:
     return ",".join(str(s) for s in sorted(r["spec"]["seed"] for r in runs))
 
@@ -528,14 +517,14 @@ def table_single_task(results: Sequence[dict], study: str, names: Sequence[str],
 
 
 def _difference_line(groups, a: str, b: str, task: str, labels: dict) -> Optional[str]:
-    if a not in groups or b not in groups:
+    """`accuracy(b) - accuracy(a)` on `task`, mean ± std over the runs paired by `_pairs`."""
+    diffs = [
+        run_b["eval"][task]["accuracy"] - run_a["eval"][task]["accuracy"] for run_a, run_b in _pairs(groups, a, b)
+    ]
+    if not diffs:
         return None
-    diff = paired_difference(groups[a], groups[b], task)
-    if diff is None:
-        return None
-    mean, std = diff
-    spread = "" if math.isnan(std) else f" ± {100 * std:.1f}"
-    return f"- {labels.get(b, b)} − {labels.get(a, a)}: {100 * mean:+.1f}{spread} points (paired by seed)"
+    spread = f" ± {100 * np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
+    return f"- {labels.get(b, b)} − {labels.get(a, a)}: {100 * np.mean(diffs):+.1f}{spread} points (paired by seed)"
 
 
 def table_mole(results: Sequence[dict]) -> list[str]:
@@ -793,6 +782,29 @@ LABELS = {
 }
 
 
+def single_task_section(
+    results: Sequence[dict],
+    out_dir: Path,
+    study: str,
+    title: str,
+    plot_title: str,
+    names: Sequence[str],
+    comparisons: Sequence[tuple[str, str]],
+    note: str,
+) -> list[str]:
+    """The report section of a study on `MOELORA_TASK`: table, paired differences, note, and its two plots."""
+    groups = _group(results, study)
+    if not set(groups) - {"base"}:
+        return []
+    task = MOELORA_TASK
+    lines = [f"## {title} ({task})", "", *table_single_task(results, study, names, task, LABELS), ""]
+    lines += [line for line in (_difference_line(groups, a, b, task, LABELS) for a, b in comparisons) if line]
+    lines += ["", note, "", f"![accuracy]({study}_accuracy.png) ![loss]({study}_loss.png)", ""]
+    plot_bars(out_dir / f"{study}_accuracy.png", f"{task}: {plot_title}", groups, names, task, LABELS)
+    plot_loss_curves(out_dir / f"{study}_loss.png", results, study, LABELS)
+    return lines
+
+
 def report(out_dir: Path) -> Path:
     """Rebuild `RESULTS.md` and the plots in `out_dir` from the finished runs."""
     results = load_results(out_dir)
@@ -825,56 +837,30 @@ def report(out_dir: Path) -> Path:
             f"Code: commits {', '.join(commits)} (each run records its own; see `runs/*/result.json`).",
             "",
         ]
-    task = MOELORA_TASK
-    groups = _group(results, "moelora")
-    if set(groups) - {"base"}:
-        names = ["base", "lora_r64", "moelora", "moelora_contrastive"]
-        lines += [f"## MoELoRA vs LoRA at equal trainable parameters ({task})", ""]
-        lines += table_single_task(results, "moelora", names, task, LABELS)
-        lines += [""] + [
-            line
-            for line in (
-                _difference_line(groups, "lora_r64", "moelora", task, LABELS),
-                _difference_line(groups, "lora_r64", "moelora_contrastive", task, LABELS),
-                _difference_line(groups, "moelora", "moelora_contrastive", task, LABELS),
-            )
-            if line
-        ]
-        lines += [
-            "",
-            "Expert similarity: mean pairwise cosine similarity of the experts' outputs `B_e A_e x` on the same "
-            "held-out tokens (all layers and experts, whether routed or not; lower = more diverse). Max load × E: "
-            "the busiest expert's share of routing decisions times E (1 = perfectly balanced), and the router's "
-            "mean entropy / ln E (1 = uniform), on 32 held-out questions with their answers. LoRA has no experts (–).",
-            "",
-            "![accuracy](moelora_accuracy.png) ![loss](moelora_loss.png)",
-            "",
-        ]
-        plot_bars(out_dir / "moelora_accuracy.png", f"{task}: equal trainable parameters", groups, names, task, LABELS)
-        plot_loss_curves(out_dir / "moelora_loss.png", results, "moelora", LABELS)
-    groups = _group(results, "mola")
-    if set(groups) - {"base"}:
-        names = ["base", *MOLA_ALLOCATIONS]
-        lines += [f"## MoLA: experts per layer group, 150 experts in total ({task})", ""]
-        lines += table_single_task(results, "mola", names, task, LABELS)
-        lines += [""] + [
-            line
-            for line in (
-                _difference_line(groups, "mola_5555", "mola_2468", task, LABELS),
-                _difference_line(groups, "mola_8642", "mola_2468", task, LABELS),
-            )
-            if line
-        ]
-        lines += [
-            "",
-            f"Groups of {'-'.join(map(str, MOLA_GROUP_SIZES))} consecutive layers (bottom to top) of the "
-            f"{NUM_LAYERS}-layer model; every allocation has {sum(mola_list((5, 5, 5, 5)))} experts of rank 8.",
-            "",
-            "![accuracy](mola_accuracy.png) ![loss](mola_loss.png)",
-            "",
-        ]
-        plot_bars(out_dir / "mola_accuracy.png", f"{task}: MoLA allocations", groups, names, task, LABELS)
-        plot_loss_curves(out_dir / "mola_loss.png", results, "mola", LABELS)
+    lines += single_task_section(
+        results,
+        out_dir,
+        "moelora",
+        "MoELoRA vs LoRA at equal trainable parameters",
+        "equal trainable parameters",
+        ["base", "lora_r64", "moelora", "moelora_contrastive"],
+        [("lora_r64", "moelora"), ("lora_r64", "moelora_contrastive"), ("moelora", "moelora_contrastive")],
+        "Expert similarity: mean pairwise cosine similarity of the experts' outputs `B_e A_e x` on the same "
+        "held-out tokens (all layers and experts, whether routed or not; lower = more diverse). Max load × E: "
+        "the busiest expert's share of routing decisions times E (1 = perfectly balanced), and the router's "
+        "mean entropy / ln E (1 = uniform), on 32 held-out questions with their answers. LoRA has no experts (–).",
+    )
+    lines += single_task_section(
+        results,
+        out_dir,
+        "mola",
+        "MoLA: experts per layer group, 150 experts in total",
+        "MoLA allocations",
+        ["base", *MOLA_ALLOCATIONS],
+        [("mola_5555", "mola_2468"), ("mola_8642", "mola_2468")],
+        f"Groups of {'-'.join(map(str, MOLA_GROUP_SIZES))} consecutive layers (bottom to top) of the "
+        f"{NUM_LAYERS}-layer model; every allocation has {sum(mola_list((5, 5, 5, 5)))} experts of rank 8.",
+    )
     if any(r["spec"]["study"] == "mole" for r in results):
         lines += ["## MoLE: fusing three task LoRAs", "", *table_mole(results), ""]
         groups = _group(results, "mole")
