@@ -324,17 +324,26 @@ class Linear(nn.Module, MoeLoraLayer):
             if num_experts == 1:
                 return F.linear(h, up) * self.scaling[adapter_name]
             logits = router_logits(tokens, self.moelora_router[adapter_name])
-        options = self.routing_options[adapter_name]
-        log_temperature = self.moelora_log_temperature.get(adapter_name)
-        mask = self.expert_mask[adapter_name]
+        temperature, mask = self._temperature_and_mask(
+            logits, adapter_name, self.moelora_log_temperature.get(adapter_name)
+        )
         gates = inference_gates(
             logits,
             top_k=self.top_k[adapter_name],
-            router_type=options["router_type"],
-            temperature=options["temperature"] if log_temperature is None else log_temperature.to(logits.dtype).exp(),
-            expert_mask=None if mask is None else mask.to(logits.device),
+            router_type=self.routing_options[adapter_name]["router_type"],
+            temperature=temperature,
+            expert_mask=mask,
         )
         return inference_expert_up(h, gates, up, num_experts, self.scaling[adapter_name])
+
+    def _temperature_and_mask(
+        self, logits: torch.Tensor, adapter_name: str, log_temperature: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor | float, Optional[torch.Tensor]]:
+        """The router temperature (fixed, or learned as `log_temperature`) and the expert mask, for `logits`."""
+        options = self.routing_options[adapter_name]
+        temperature = options["temperature"] if log_temperature is None else log_temperature.to(logits.dtype).exp()
+        mask = self.expert_mask[adapter_name]
+        return temperature, None if mask is None else mask.to(logits.device)
 
     def _route(
         self,
@@ -353,15 +362,14 @@ class Linear(nn.Module, MoeLoraLayer):
             jitter = options["jitter"]
             router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
         logits = router_logits(router_input, router_weight)  # (tokens, E), float32
-        temperature = options["temperature"] if log_temperature is None else log_temperature.to(logits.dtype).exp()
-        mask = self.expert_mask[adapter_name]
+        temperature, mask = self._temperature_and_mask(logits, adapter_name, log_temperature)
         routing = route(
             logits,
             top_k=self.top_k[adapter_name],
             router_type=options["router_type"],
             temperature=temperature,
             noise_std=options["noise_std"] if self.training else 0.0,
-            expert_mask=None if mask is None else mask.to(logits.device),
+            expert_mask=mask,
         )
         weighted_loss, components, stats = None, {}, None
         if with_losses:
