@@ -8,11 +8,13 @@ from .config import MoeLoraConfig
 from .layer import Linear, MoeLoraLayer, MoeLoraMergeError
 from .model import MoeLoraModel, RoutingStats
 from .registration import PEFT_TYPE, PREFIX, register
+from .state import AmbiguousRecomputationError
 
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmbiguousRecomputationError",
     "PEFT_TYPE",
     "PREFIX",
     "Linear",

@@ -198,7 +198,7 @@ class Linear(nn.Module, MoeLoraLayer):
             return result
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
-        context, record = (None, False) if self._routing_state is None else self._routing_state.context_for_layer()
+        context, record = (None, False) if self._routing_state is None else self._routing_state.context_for_layer(self)
         for active_adapter in self.active_adapters:
             if active_adapter not in self.moelora_A:
                 continue
@@ -269,6 +269,7 @@ class Linear(nn.Module, MoeLoraLayer):
         if weighted_loss is not None and weighted_loss.requires_grad:
             if record:
                 context.add_loss(self, adapter_name, weighted_loss)
+                context.watch_backward(result)
             elif context.needs_injection(self, adapter_name):
                 # Recomputed by reentrant gradient checkpointing: the original forward ran without a graph.
                 result = inject_router_loss(result, weighted_loss, context)

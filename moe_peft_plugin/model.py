@@ -24,7 +24,7 @@ from .layer import MERGE_ERROR_MESSAGE, Linear, MoeLoraLayer, MoeLoraMergeError
 from .mole import LoraExperts, load_lora_experts
 from .outputs import with_aux_loss_field
 from .registration import PREFIX
-from .state import ForwardContext, RoutingState, build_aux_loss
+from .state import ForwardContext, ReplayInContext, RoutingState, build_aux_loss
 
 
 # Expected number of dimensions of each adapter tensor in a state dict; anything else (notably the empty (0,) tensors
@@ -242,10 +242,21 @@ class MoeLoraModel(BaseTuner):
         kv_cache = kwargs.get("past_key_values", kwargs.get("cache"))
         if state.active is None and kv_cache is not None and not torch.is_grad_enabled():
             return  # cached decoding (`generate`): the layers only route; no router losses or statistics
-        context = ForwardContext(attention_mask=kwargs.get("attention_mask"), parent=state.active)
-        state.active = context
-        if torch.is_grad_enabled():
-            state.last_grad_forward = context
+        context = ForwardContext(attention_mask=kwargs.get("attention_mask"), parent=state.active, state=state)
+        if torch.is_grad_enabled() and module.training:
+            self._replay_checkpoints_in_context(module)
+        state.open_forward(context)
+
+    def _replay_checkpoints_in_context(self, model: nn.Module) -> None:
+        """Make blocks recomputed by transformers' gradient checkpointing run in the context of their own forward.
+
+        Done at every training forward, because checkpointing can be enabled (or re-enabled, which replaces the
+        function) after the adapter was created, as the Trainer does.
+        """
+        for module in model.modules():
+            function = module.__dict__.get("_gradient_checkpointing_func")
+            if function is not None and not isinstance(function, ReplayInContext):
+                module._gradient_checkpointing_func = ReplayInContext(function, self._routing_state)
 
     def _close_routing_context(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
         state: RoutingState = self._routing_state

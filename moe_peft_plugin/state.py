@@ -17,12 +17,24 @@ running forward. `MoeLoraModel` averages them over the layers into `outputs.aux_
   backward pass of the model output: backpropagate a loss that contains both the model output and `aux_loss` (as
   `outputs.loss` does). If the loss does not contain `aux_loss`, the routers get no router-loss gradient, exactly as
   with transformers' MoE models.
+
+Several forwards may share one backward pass (a pairwise loss, micro-batches summed, a multi-task sum). A layer that
+is recomputed by gradient checkpointing must then use the padding mask and the gradient anchor of *its* forward. The
+model wraps the checkpointing function of transformers (`gradient_checkpointing_enable`, which Trainer, TRL and peft
+use) so that a recomputed block runs in the context of the forward that first ran it ([`ReplayInContext`]). A
+recomputation that MOELORA did not see being set up (e.g. `checkpoint_wrapper` applied by hand or by FSDP's activation
+checkpointing) can only be matched to a forward when one candidate is possible; otherwise it raises
+[`AmbiguousRecomputationError`] instead of training with another forward's mask or loss scale.
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from functools import partial
+from typing import Any, Optional
 
 import torch
 
@@ -51,7 +63,7 @@ class RouterRecord:
     weighted_loss: torch.Tensor  # (), sum of coefficient * component
 
 
-@dataclass
+@dataclass(eq=False)
 class ForwardContext:
     """State of one model forward that the adapted layers read and write."""
 
@@ -63,6 +75,9 @@ class ForwardContext:
     # must not inject their gradient again when a non-reentrant checkpoint recomputes them.
     graph_losses: list[torch.Tensor] = field(default_factory=list)
     graph_layers: set[tuple[int, str]] = field(default_factory=set)
+    state: Optional[RoutingState] = None
+    backward_finished: bool = False  # a backward pass that reached `aux_loss` has completed
+    _watching_backward: bool = False
 
     def token_weight(self, batch_shape: torch.Size) -> Optional[torch.Tensor]:
         """Per-token weight (1 real, 0 padding), flattened, for a layer input with leading dims `batch_shape`."""
@@ -84,44 +99,156 @@ class ForwardContext:
         """Whether a recomputed layer must inject its loss gradient (its original forward had no graph)."""
         return (id(layer), adapter_name) not in self.graph_layers
 
+    def needs_injection_anywhere(self, layer: torch.nn.Module) -> bool:
+        return not any(key[0] == id(layer) for key in self.graph_layers)
+
+    def watch_backward(self, layer_output: torch.Tensor) -> None:
+        """Check, once a backward pass has reached the adapter layers, that it also reached `aux_loss`."""
+        if not self._watching_backward and layer_output.requires_grad:
+            self._watching_backward = True
+            layer_output.register_hook(lambda grad: self.backward_reached_layers())
+
+    def backward_reached_layers(self) -> None:
+        """Called during a backward pass through a layer with router losses of this forward."""
+        if self.state is not None and not self.state.warned_no_router_loss_gradient:
+            # At the end of this backward pass: `aux_loss`, if it is part of the loss, has been reached by then.
+            torch.autograd.Variable._execution_engine.queue_callback(self._warn_without_router_loss_gradient)
+
+    def _warn_without_router_loss_gradient(self) -> None:
+        if self.cell.grad is None and not self.state.warned_no_router_loss_gradient:
+            self.state.warned_no_router_loss_gradient = True
+            warnings.warn(NO_ROUTER_LOSS_GRADIENT_WARNING, UserWarning, stacklevel=2)
+
+    def aux_loss_reached(self) -> None:
+        """Called when the backward pass reaches this forward's `aux_loss`."""
+
+        def finish() -> None:
+            self.backward_finished = True
+
+        torch.autograd.Variable._execution_engine.queue_callback(finish)
+
+
+class AmbiguousRecomputationError(RuntimeError):
+    """A layer recomputed by gradient checkpointing cannot tell which of several forwards it belongs to."""
+
+
+NO_ROUTER_LOSS_GRADIENT_WARNING = (
+    "MOELORA: a backward pass went through the adapter layers, but `outputs.aux_loss` (the router losses: load "
+    "balancing, z-loss, contrastive) received no gradient, so the routers train without them. Backpropagate a loss "
+    "that contains `outputs.aux_loss` in the same backward call (`outputs.loss` of transformers models already does), "
+    "e.g. use `trainer_callbacks.MoeLoraSFTTrainer` instead of `trl.SFTTrainer`, which builds its own loss and drops "
+    "it. To train without router losses, set their coefficients to 0 (`aux_loss_coef`, `router_z_loss_coef`, "
+    "`contrastive_loss_coef`, `gate_balance_loss_coef`)."
+)
+
 
 class RoutingState:
     """Shared by the MOELORA layers of one model; tells a layer which forward it belongs to.
 
-    - Inside a forward of the wrapped model, `active` is the context of the running forward: layers record into it and inject
-      their loss gradients scaled by its anchor.
-    - Outside of it with gradients enabled, a layer is being recomputed by gradient checkpointing during the backward
-      pass of the last forward that ran with gradients (`last_grad_forward`): it injects again, but records nothing.
+    - Inside a forward of the wrapped model, `active` is the context of the running forward: layers record into it and
+      inject their loss gradients scaled by its anchor.
+    - During the backward pass, a block recomputed by gradient checkpointing runs in the context of the forward that
+      first ran it (`replaying`, set by [`ReplayInContext`]): it injects again where needed, but records nothing.
+    - A layer that runs with gradients outside both (a recomputation MOELORA did not wrap) belongs to the one forward
+      with gradients whose graph is still alive; several candidates that would give different gradients raise.
     - Otherwise (cached decoding: a forward with a KV cache under `no_grad`, as in `generate`; or the base model
       called directly under `no_grad`) layers just route.
     """
 
     def __init__(self) -> None:
         self.active: Optional[ForwardContext] = None
-        self.last_grad_forward: Optional[ForwardContext] = None
+        self.replaying: Optional[ForwardContext] = None
+        # Forwards that ran with gradients, held weakly: their autograd graph (the `aux_loss` anchor) keeps them alive.
+        self._grad_forwards: list[weakref.ref] = []
+        self.warned_no_router_loss_gradient = False
 
-    def context_for_layer(self) -> tuple[Optional[ForwardContext], bool]:
-        """Return `(context, record)` for a layer that is running now."""
+    def open_forward(self, context: ForwardContext) -> None:
+        self.active = context
+        if torch.is_grad_enabled():
+            self._grad_forwards = [ref for ref in self._grad_forwards if ref() is not None]
+            self._grad_forwards.append(weakref.ref(context))
+
+    def context_for_layer(self, layer: torch.nn.Module) -> tuple[Optional[ForwardContext], bool]:
+        """Return `(context, record)` for `layer`, which is running now."""
         if self.active is not None:
             return self.active, True
-        if torch.is_grad_enabled() and self.last_grad_forward is not None:
-            return self.last_grad_forward, False
+        if self.replaying is not None:
+            return self.replaying, False
+        if torch.is_grad_enabled():
+            return self._unwrapped_recomputation_context(layer), False
         return None, False
+
+    def _unwrapped_recomputation_context(self, layer: torch.nn.Module) -> Optional[ForwardContext]:
+        alive = [context for context in (ref() for ref in self._grad_forwards) if context is not None]
+        candidates = [context for context in alive if not context.backward_finished] or alive
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        # Without injection (the layer recorded its loss with a graph) only the padding mask matters.
+        first = candidates[0]
+        if all(not context.needs_injection_anywhere(layer) for context in candidates) and all(
+            _same_mask(context.attention_mask, first.attention_mask) for context in candidates[1:]
+        ):
+            return first
+        raise AmbiguousRecomputationError(
+            f"A MOELORA layer is being recomputed by gradient checkpointing while {len(candidates)} forwards share "
+            "this backward pass, and the checkpointing was not set up through transformers "
+            "(`model.gradient_checkpointing_enable()`), so MOELORA cannot tell which forward (padding mask, loss "
+            "scale) the recomputation belongs to. Enable checkpointing with `gradient_checkpointing_enable()` (the "
+            "Trainer's `gradient_checkpointing=True` does), or run one forward per backward."
+        )
+
+
+def _same_mask(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
+
+
+def _run_in_context(state: RoutingState, context: ForwardContext, function: Callable, *args, **kwargs) -> Any:
+    if state.active is context:  # the first run, inside the forward itself
+        return function(*args, **kwargs)
+    previous = state.replaying
+    state.replaying = context
+    try:
+        return function(*args, **kwargs)
+    finally:
+        state.replaying = previous
+
+
+class ReplayInContext:
+    """Wraps a gradient-checkpointing function (transformers' `_gradient_checkpointing_func`) so that a recomputed
+    block runs in the routing context of the forward that first ran it, whatever other forwards share the backward."""
+
+    def __init__(self, checkpoint_function: Callable, state: RoutingState) -> None:
+        self.checkpoint_function = checkpoint_function
+        self.state = state
+
+    def __call__(self, function: Callable, *args, **kwargs) -> Any:
+        context = self.state.active
+        if context is not None:
+            function = partial(_run_in_context, self.state, context, function)
+        return self.checkpoint_function(function, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # e.g. `.keywords` of the wrapped `functools.partial`
+        if name == "checkpoint_function":
+            raise AttributeError(name)
+        return getattr(self.checkpoint_function, name)
 
 
 class _InjectRouterLoss(torch.autograd.Function):
     """Identity on `output`; in the backward pass, gives `loss` the gradient that reached the `aux_loss` anchor."""
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, loss: torch.Tensor, cell: _GradientCell) -> torch.Tensor:
-        ctx.cell = cell
+    def forward(ctx, output: torch.Tensor, loss: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        ctx.context = context
         ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         shape, dtype, device = ctx.loss_meta
-        grad = ctx.cell.grad
+        ctx.context.backward_reached_layers()
+        grad = ctx.context.cell.grad
         if grad is None:
             grad_loss = torch.zeros(shape, dtype=dtype, device=device)
         else:
@@ -133,21 +260,24 @@ def inject_router_loss(output: torch.Tensor, loss: torch.Tensor, context: Forwar
     """Attach the gradient of `loss` (a weighted router loss of this layer) to the backward pass through `output`."""
     if not (torch.is_grad_enabled() and loss.requires_grad and output.requires_grad):
         return output
-    return _InjectRouterLoss.apply(output, loss, context.cell)
+    return _InjectRouterLoss.apply(output, loss, context)
 
 
 class _AuxLossAnchor(torch.autograd.Function):
     """`graph_loss + value`; records the gradient that reaches it (times `scale`) for the layers that inject theirs."""
 
     @staticmethod
-    def forward(ctx, graph_loss: torch.Tensor, value: torch.Tensor, cell: _GradientCell, scale: float) -> torch.Tensor:
-        ctx.cell = cell
+    def forward(
+        ctx, graph_loss: torch.Tensor, value: torch.Tensor, context: ForwardContext, scale: float
+    ) -> torch.Tensor:
+        ctx.context = context  # also keeps the context alive exactly as long as the graph of its forward
         ctx.scale = scale
         return graph_loss.detach() + value
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.cell.add(grad.detach() * ctx.scale)
+        ctx.context.cell.add(grad.detach() * ctx.scale)
+        ctx.context.aux_loss_reached()
         return grad, None, None, None
 
 
@@ -162,14 +292,14 @@ def build_aux_loss(context: ForwardContext, device: torch.device) -> torch.Tenso
     for record in context.records:
         total = total + record.weighted_loss.to(device)
     total = total / num_records
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or not context.records:
         return total
     graph_loss = sum((loss.to(device) for loss in context.graph_losses), torch.zeros((), device=device))
     graph_loss = graph_loss / num_records
     num_without_graph = len(context.records) - len(context.graph_losses)
     context.graph_losses = []  # the context outlives the forward; do not keep the graph alive through it
-    if num_without_graph == 0:
-        return graph_loss
     if not graph_loss.requires_grad:
+        if num_without_graph == 0:
+            return graph_loss  # nothing of this forward trains a router
         graph_loss = torch.zeros((), device=device, requires_grad=True)
-    return _AuxLossAnchor.apply(graph_loss, total - graph_loss.detach(), context.cell, 1.0 / num_records)
+    return _AuxLossAnchor.apply(graph_loss, total - graph_loss.detach(), context, 1.0 / num_records)

@@ -531,3 +531,19 @@ def test_moe_base_model_router_loss_is_not_weighted_twice(tmp_path):
     ok.add_callback(logs)
     ok.train()
     assert logs.logs[0]["router/aux_loss"] == pytest.approx(0.01 * logs.logs[0]["router/load_balancing"], rel=1e-5)
+
+
+def test_plain_sft_trainer_warns_that_router_losses_are_dropped(tmp_path):
+    """`trl.SFTTrainer` builds its loss from the logits and never adds `outputs.aux_loss`: the user is told, once."""
+    model, tokenizer = build_tiny_llama()
+    args = {k: v for k, v in ARGS.items() if not k.startswith("router_")}
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(output_dir=str(tmp_path), max_steps=2, **args),
+        train_dataset=_dataset(),
+        processing_class=tokenizer,
+        peft_config=MoeLoraConfig(**MOE),
+    )
+    with pytest.warns(UserWarning, match="MoeLoraSFTTrainer") as record:
+        trainer.train()
+    assert sum("outputs.aux_loss" in str(w.message) for w in record) == 1
