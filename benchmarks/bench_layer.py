@@ -159,7 +159,7 @@ def zero_grads(tuner: nn.Module, x: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def reference_loss(layer, x: torch.Tensor, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_loss(layer, x: torch.Tensor, options) -> tuple[torch.Tensor, torch.Tensor]:
     """`(y, aux_loss)` computed the plain way (per-expert loop) from the parameters of a MOELORA `layer`."""
     A, B = layer.moelora_A["default"], layer.moelora_B["default"]  # (E, r, in), (E, out, r)
     router = layer.moelora_router["default"]  # (E, in)
@@ -169,11 +169,11 @@ def reference_loss(layer, x: torch.Tensor, options: dict) -> tuple[torch.Tensor,
     if "default" in layer.moelora_log_temperature:
         logits = logits / layer.moelora_log_temperature["default"].exp()
     else:
-        logits = logits / options["temperature"]
+        logits = logits / options.router_temperature
     probs = logits.softmax(-1)
-    if options["router_type"] == "soft" or top_k >= num_experts:
+    if options.router_type == "soft" or top_k >= num_experts:
         gates = probs
-        top = probs.argmax(-1, keepdim=True) if options["router_type"] == "soft" else None
+        top = probs.argmax(-1, keepdim=True) if options.router_type == "soft" else None
     else:
         top = logits.topk(top_k, dim=-1).indices
         weights = probs.gather(-1, top)
@@ -190,15 +190,15 @@ def reference_loss(layer, x: torch.Tensor, options: dict) -> tuple[torch.Tensor,
     y = layer.base_layer(tokens) + update
 
     aux = torch.zeros((), dtype=x.dtype)
-    if options["aux_loss_coef"]:
+    if options.aux_loss_coef:
         load = selected.double().mean(0)
         load = load / load.sum()
-        aux = aux + options["aux_loss_coef"] * num_experts * (load * probs.mean(0)).sum()
-    if options["gate_balance_loss_coef"]:
-        aux = aux - options["gate_balance_loss_coef"] * torch.log(gates.mean(0)).sum()
-    if options["contrastive_loss_coef"]:
-        contrastive = reference_contrastive(tokens, A, B, selected, options["contrastive_temperature"])
-        aux = aux + options["contrastive_loss_coef"] * contrastive
+        aux = aux + options.aux_loss_coef * num_experts * (load * probs.mean(0)).sum()
+    if options.gate_balance_loss_coef:
+        aux = aux - options.gate_balance_loss_coef * torch.log(gates.mean(0)).sum()
+    if options.contrastive_loss_coef:
+        contrastive = reference_contrastive(tokens, A, B, selected, options.contrastive_temperature)
+        aux = aux + options.contrastive_loss_coef * contrastive
     y = y.reshape(*x.shape[:-1], -1)
     return y, aux
 
@@ -238,7 +238,7 @@ def check_correctness() -> None:
         fast_grads = {n: p.grad for n, p in params.items() if p.requires_grad}
         fast_x_grad = x.grad
 
-        y_ref, aux_ref = reference_loss(layer, x, layer.routing_options["default"])
+        y_ref, aux_ref = reference_loss(layer, x, layer.routing_options.default)
         loss_ref = (y_ref * grad_y).sum() + aux_ref
         names = list(fast_grads)
         ref_grads = torch.autograd.grad(loss_ref, [params[n] for n in names] + [x])

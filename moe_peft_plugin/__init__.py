@@ -6,9 +6,10 @@ Importing this package registers the PEFT type `"MOELORA"` with peft, after whic
 
 from .config import MoeLoraConfig
 from .layer import Linear, MoeLoraLayer, MoeLoraMergeError
-from .model import MoeLoraModel, RoutingStats
+from .model import MoeLoraModel
 from .registration import PEFT_TYPE, PREFIX, register
-from .state import AmbiguousRecomputationError
+from .routing import RoutingOptions
+from .state import AmbiguousRecomputationError, RoutingStats
 
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "MoeLoraLayer",
     "MoeLoraMergeError",
     "MoeLoraModel",
+    "RoutingOptions",
     "RoutingStats",
     "register",
 ]

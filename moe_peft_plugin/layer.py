@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,16 @@ from torch.utils.checkpoint import checkpoint
 
 from . import losses
 from .config import MoeLoraConfig
-from .routing import expert_down, expert_up, inference_expert_up, inference_gates, route, router_logits
-from .state import ForwardContext, RouterRecord, RoutingState, inject_router_loss
+from .routing import (
+    RoutingOptions,
+    expert_down,
+    expert_up,
+    inference_expert_up,
+    inference_gates,
+    route,
+    router_logits,
+)
+from .state import ForwardContext, RoutingState, RoutingStats, inject_router_loss
 
 
 class MoeLoraMergeError(NotImplementedError):
@@ -46,7 +54,7 @@ class MoeLoraLayer(BaseTunerLayer):
         self.num_experts: dict[str, int] = {}
         self.top_k: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        self.routing_options: dict[str, dict[str, Any]] = {}
+        self.routing_options: dict[str, RoutingOptions] = {}
         self.expert_mask: dict[str, Optional[torch.Tensor]] = {}
         self.moelora_A = nn.ParameterDict({})
         self.moelora_B = nn.ParameterDict({})
@@ -94,17 +102,7 @@ class MoeLoraLayer(BaseTunerLayer):
             self.scaling[adapter_name] = config.lora_alpha / math.sqrt(r)
         else:
             self.scaling[adapter_name] = config.lora_alpha / r
-        self.routing_options[adapter_name] = {
-            "router_type": config.router_type,
-            "temperature": float(config.router_temperature),
-            "jitter": float(config.router_jitter_noise),
-            "noise_std": float(config.router_noise_std),
-            "aux_loss_coef": float(config.aux_loss_coef),
-            "router_z_loss_coef": float(config.router_z_loss_coef),
-            "contrastive_loss_coef": float(config.contrastive_loss_coef),
-            "contrastive_temperature": float(config.contrastive_temperature),
-            "gate_balance_loss_coef": float(config.gate_balance_loss_coef),
-        }
+        self.routing_options[adapter_name] = RoutingOptions.from_config(config)
         self.expert_mask[adapter_name] = None
         self.moelora_dropout[adapter_name] = (
             nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -159,6 +157,16 @@ class MoeLoraLayer(BaseTunerLayer):
             if not mask.any():
                 raise ValueError("The expert mask must keep at least one expert.")
         self.expert_mask[adapter_name] = mask
+
+    def set_router_loss_coefficients(self, adapter_name: str, **coefficients: float) -> None:
+        """Set router-loss coefficients of `adapter_name` in this layer (e.g. `aux_loss_coef=0.02`).
+
+        They take effect at the next forward (and its recomputation under gradient checkpointing)."""
+        if adapter_name not in self.routing_options:
+            raise ValueError(
+                f"This layer has no MOELORA adapter {adapter_name!r}; it has {sorted(self.routing_options)}."
+            )
+        self.routing_options[adapter_name] = self.routing_options[adapter_name].with_coefficients(**coefficients)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise MoeLoraMergeError(MERGE_ERROR_MESSAGE)
@@ -231,6 +239,9 @@ class Linear(nn.Module, MoeLoraLayer):
             update = expert_up(h, tokens.new_ones(tokens.shape[0], 1), None, lora_B, self.scaling[adapter_name])
             return result + update.reshape(*batch_shape, -1).to(result.dtype)
 
+        sample_shape = None
+        if record and self._routing_state.record_sample_routing and len(batch_shape) == 2:
+            sample_shape = tuple(batch_shape)
         router_args = (
             tokens,
             self.moelora_router[adapter_name],
@@ -239,6 +250,7 @@ class Linear(nn.Module, MoeLoraLayer):
             adapter_name,
             context is not None,
             record,
+            sample_shape,
         )
         if torch.is_grad_enabled() and any(t.requires_grad for t in router_args[:3] if t is not None):
             # The router is recomputed in the backward pass instead of keeping its intermediate tensors (probabilities,
@@ -253,13 +265,13 @@ class Linear(nn.Module, MoeLoraLayer):
         if context is None:
             return result
 
-        contrastive_coef = options["contrastive_loss_coef"]
+        contrastive_coef = options.contrastive_loss_coef
         if contrastive_coef:
             contrastive = losses.expert_contrastive_loss(
                 h.unflatten(-1, (lora_B.shape[0], -1)),
                 lora_B,
                 selected,
-                options["contrastive_temperature"],
+                options.contrastive_temperature,
                 token_weight,
             )
             components["contrastive"] = contrastive
@@ -274,17 +286,9 @@ class Linear(nn.Module, MoeLoraLayer):
                 # Recomputed by reentrant gradient checkpointing: the original forward ran without a graph.
                 result = inject_router_loss(result, weighted_loss, context)
         if record:
-            expert_load, entropy = stats
-            context.records.append(
-                RouterRecord(
-                    layer=self,
-                    adapter_name=adapter_name,
-                    expert_load=expert_load,
-                    entropy=entropy,
-                    losses={name: value.detach() for name, value in components.items()},
-                    weighted_loss=weighted_loss.detach() if weighted_loss is not None else entropy.new_zeros(()),
-                )
-            )
+            stats.losses = {name: value.detach() for name, value in components.items()}
+            stats.weighted_loss = weighted_loss.detach() if weighted_loss is not None else stats.entropy.new_zeros(())
+            context.records.append((self, adapter_name, stats))
         return result
 
     def train(self, mode: bool = True):
@@ -331,7 +335,7 @@ class Linear(nn.Module, MoeLoraLayer):
         gates = inference_gates(
             logits,
             top_k=self.top_k[adapter_name],
-            router_type=self.routing_options[adapter_name]["router_type"],
+            router_type=self.routing_options[adapter_name].router_type,
             temperature=temperature,
             expert_mask=mask,
         )
@@ -342,7 +346,7 @@ class Linear(nn.Module, MoeLoraLayer):
     ) -> tuple[torch.Tensor | float, Optional[torch.Tensor]]:
         """The router temperature (fixed, or learned as `log_temperature`) and the expert mask, for `logits`."""
         options = self.routing_options[adapter_name]
-        temperature = options["temperature"] if log_temperature is None else log_temperature.to(logits.dtype).exp()
+        temperature = options.router_temperature if log_temperature is None else log_temperature.to(logits.dtype).exp()
         mask = self.expert_mask[adapter_name]
         return temperature, None if mask is None else mask.to(logits.device)
 
@@ -355,21 +359,22 @@ class Linear(nn.Module, MoeLoraLayer):
         adapter_name: str,
         with_losses: bool,
         with_stats: bool,
+        sample_shape: Optional[tuple[int, int]] = None,
     ):
         """Routing of `tokens` and the router losses that need no expert outputs (pure, so it can be recomputed)."""
         options = self.routing_options[adapter_name]
         router_input = tokens
-        if self.training and options["jitter"] > 0:
-            jitter = options["jitter"]
+        if self.training and options.router_jitter_noise > 0:
+            jitter = options.router_jitter_noise
             router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
         logits = router_logits(router_input, router_weight)  # (tokens, E), float32
         temperature, mask = self._temperature_and_mask(logits, adapter_name, log_temperature)
         routing = route(
             logits,
             top_k=self.top_k[adapter_name],
-            router_type=options["router_type"],
+            router_type=options.router_type,
             temperature=temperature,
-            noise_std=options["noise_std"] if self.training else 0.0,
+            noise_std=options.router_noise_std if self.training else 0.0,
             expert_mask=mask,
         )
         weighted_loss, components, stats = None, {}, None
@@ -380,17 +385,43 @@ class Linear(nn.Module, MoeLoraLayer):
                 ("gate_balance", "gate_balance_loss_coef", losses.gate_balance_loss, (routing.gates,)),
             )
             for name, coef_name, loss_fn, loss_args in terms:
-                coef = options[coef_name]
+                coef = getattr(options, coef_name)
                 if coef:
                     components[name] = value = loss_fn(*loss_args, token_weight)
                     weighted_loss = coef * value if weighted_loss is None else weighted_loss + coef * value
         if with_stats:
             with torch.no_grad():
-                stats = (
-                    losses.expert_load(routing.selected, token_weight),
-                    losses.router_entropy(routing.probs, token_weight),
-                )
+                stats = self._routing_stats(routing, adapter_name, token_weight, sample_shape)
         return routing.weights, routing.index, routing.selected, weighted_loss, components, stats
+
+    def _routing_stats(
+        self,
+        routing,
+        adapter_name: str,
+        token_weight: Optional[torch.Tensor],
+        sample_shape: Optional[tuple[int, int]],
+    ) -> RoutingStats:
+        router_type = self.routing_options[adapter_name].router_type
+        num_experts = self.num_experts[adapter_name]
+        sample_load = None
+        if sample_shape is not None:
+            selected = routing.selected.float().reshape(*sample_shape, num_experts)
+            if token_weight is not None:
+                selected = selected * token_weight.reshape(*sample_shape, 1).to(selected.dtype)
+            sample_load = selected.sum(1)
+            sample_load = sample_load / sample_load.sum(-1, keepdim=True).clamp_min(1.0)
+        num_tokens = (
+            token_weight.sum() if token_weight is not None else routing.probs.new_tensor(routing.probs.shape[0])
+        )
+        return RoutingStats(
+            expert_load=losses.expert_load(routing.selected, token_weight),
+            mean_gate=losses.mean_gate(routing.gates, token_weight),
+            entropy=losses.router_entropy(routing.probs, token_weight),
+            num_tokens=num_tokens.float(),
+            experts_per_token=1 if router_type == "soft" else min(self.top_k[adapter_name], num_experts),
+            router_type=router_type,
+            sample_load=sample_load,
+        )
 
     def __repr__(self) -> str:
         return "moelora." + super().__repr__()

@@ -30,6 +30,11 @@ def expert_load(selected: torch.Tensor, token_weight: Optional[torch.Tensor] = N
     return load / load.sum().clamp_min(torch.finfo(load.dtype).tiny)
 
 
+def mean_gate(gates: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean gate weight of each expert over the tokens, `(num_experts,)`."""
+    return _token_mean(gates, token_weight)
+
+
 def load_balancing_loss(
     probs: torch.Tensor, selected: torch.Tensor, token_weight: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -54,8 +59,8 @@ def gate_balance_loss(gates: torch.Tensor, token_weight: Optional[torch.Tensor] 
     `q_e` is the mean gate weight of expert `e` over the batch. The loss is differentiable with respect to the gates
     (unlike the released MoLE code) and is minimal when every expert gets the same mean weight.
     """
-    mean_gate = _token_mean(gates, token_weight)
-    return -torch.log(mean_gate.clamp_min(torch.finfo(mean_gate.dtype).tiny)).sum()
+    mean = mean_gate(gates, token_weight)
+    return -torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny)).sum()
 
 
 def router_entropy(probs: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:

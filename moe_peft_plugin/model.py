@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -24,22 +23,12 @@ from .layer import MERGE_ERROR_MESSAGE, Linear, MoeLoraLayer, MoeLoraMergeError
 from .mole import LoraExperts, load_lora_experts
 from .outputs import with_aux_loss_field
 from .registration import PREFIX
-from .state import ForwardContext, ReplayInContext, RoutingState, build_aux_loss
+from .state import ForwardContext, ReplayInContext, RoutingState, RoutingStats, build_aux_loss
 
 
 # Expected number of dimensions of each adapter tensor in a state dict; anything else (notably the empty (0,) tensors
 # of ZeRO-3 partitions that were not gathered) means the checkpoint would be unusable.
 _ADAPTER_TENSOR_DIMS = {"moelora_A": 3, "moelora_B": 3, "moelora_router": 2, "moelora_log_temperature": 1}
-
-
-@dataclass
-class RoutingStats:
-    """Routing of one adapter in one layer during the last forward (tensors are detached, on the model's device)."""
-
-    expert_load: torch.Tensor  # (num_experts,), fraction of routing decisions per expert (sums to 1)
-    entropy: torch.Tensor  # (), mean entropy of the router distribution, in nats
-    losses: dict[str, torch.Tensor]  # unweighted router loss components
-    weighted_loss: torch.Tensor  # (), this layer's weighted router loss (`outputs.aux_loss` is their mean)
 
 
 def _get_tuner_layer_class(target_base_layer: nn.Module) -> Optional[type[MoeLoraLayer]]:
@@ -66,7 +55,7 @@ def _layer_index(key: str, layers_pattern: Union[str, list[str], None]) -> Optio
 
 def _device_of(outputs: Any, context: ForwardContext) -> torch.device:
     if context.records:
-        return context.records[0].weighted_loss.device
+        return context.records[0][2].weighted_loss.device
     values = outputs.values() if isinstance(outputs, dict) else [outputs]
     return next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
 
@@ -303,19 +292,49 @@ class MoeLoraModel(BaseTuner):
     def get_routing_stats(self) -> dict[str, dict[str, RoutingStats]]:
         """Routing statistics of the last forward through this model: `{module name: {adapter name: RoutingStats}}`.
 
-        Layers are listed in model order. The values are detached tensors; nothing is synchronised with the device
-        until you read them.
+        Layers are listed in model order, named as in the wrapped model (`model.layers.0.self_attn.q_proj`). The values
+        are detached tensors; nothing is synchronised with the device until you read them. Combine several forwards
+        with [`RoutingStats.combine`]; per-sample loads need [`record_sample_routing`].
         """
         names = {module: name for name, module in self.model.named_modules() if isinstance(module, MoeLoraLayer)}
         stats: dict[str, dict[str, RoutingStats]] = {}
-        for record in self._last_records:
-            stats.setdefault(names.get(record.layer, "?"), {})[record.adapter_name] = RoutingStats(
-                expert_load=record.expert_load,
-                entropy=record.entropy,
-                losses=record.losses,
-                weighted_loss=record.weighted_loss,
-            )
+        for layer, adapter_name, layer_stats in self._last_records:
+            stats.setdefault(names.get(layer, "?"), {})[adapter_name] = layer_stats
         return stats
+
+    def record_sample_routing(self, enabled: bool = True) -> None:
+        """Also record each sample's expert load (`RoutingStats.sample_load`, `(batch, num_experts)`), e.g. to see
+        which experts each task uses. Off by default: it costs a little per layer and forward."""
+        self._routing_state.record_sample_routing = bool(enabled)
+
+    def set_router_loss_coefficients(
+        self, adapter_name: Optional[str] = None, *, update_config: bool = True, **coefficients: float
+    ) -> None:
+        """Set router-loss coefficients in every layer, e.g. `model.set_router_loss_coefficients(aux_loss_coef=0.02)`.
+
+        Args:
+            adapter_name: the adapter to change; every MOELORA adapter of the model by default.
+            update_config: also write the values into the adapter's `peft_config`, so that the saved
+                `adapter_config.json` records them. Pass False for transient values (e.g. a warm-up schedule).
+            **coefficients: `aux_loss_coef`, `router_z_loss_coef`, `contrastive_loss_coef`, `gate_balance_loss_coef`.
+
+        Nothing changes if any value is invalid. The values take effect at the next forward.
+        """
+        if adapter_name is not None and adapter_name not in self.peft_config:
+            raise ValueError(f"Unknown adapter {adapter_name!r}; available: {sorted(self.peft_config)}.")
+        updates = [
+            (layer, name, options.with_coefficients(**coefficients))
+            for layer in self.model.modules()
+            if isinstance(layer, MoeLoraLayer)
+            for name, options in layer.routing_options.items()
+            if adapter_name in (None, name)
+        ]
+        for layer, name, options in updates:
+            layer.routing_options[name] = options
+        if update_config:
+            for name in {name for _, name, _ in updates}:
+                for key, value in coefficients.items():
+                    setattr(self.peft_config[name], key, float(value))
 
     def set_expert_mask(
         self, experts: Optional[Sequence[Union[int, str]]], adapter_name: Optional[str] = None

@@ -2,10 +2,64 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import dataclasses
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+
+ROUTER_LOSS_COEFFICIENTS = ("aux_loss_coef", "router_z_loss_coef", "contrastive_loss_coef", "gate_balance_loss_coef")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingOptions:
+    """How one adapter routes in one layer, and the weights of its router losses.
+
+    Built from the adapter's [`MoeLoraConfig`] (the fields have the same names and meaning) when the layer is created.
+    Frozen, so that nothing changes routing behind the layer's back: change the loss coefficients of a whole model with
+    [`MoeLoraModel.set_router_loss_coefficients`] (or of one layer with `MoeLoraLayer.set_router_loss_coefficients`).
+    """
+
+    router_type: str
+    router_temperature: float
+    router_jitter_noise: float
+    router_noise_std: float
+    aux_loss_coef: float
+    router_z_loss_coef: float
+    contrastive_loss_coef: float
+    contrastive_temperature: float
+    gate_balance_loss_coef: float
+
+    @classmethod
+    def from_config(cls, config: Any) -> RoutingOptions:
+        values = {field.name: getattr(config, field.name) for field in dataclasses.fields(cls)}
+        return cls(**{name: value if name == "router_type" else float(value) for name, value in values.items()})
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        """The router-loss coefficients, keyed like `MoeLoraConfig`."""
+        return {name: getattr(self, name) for name in ROUTER_LOSS_COEFFICIENTS}
+
+    def with_coefficients(self, **coefficients: float) -> RoutingOptions:
+        """A copy with new router-loss coefficients (validated like `MoeLoraConfig`)."""
+        unknown = sorted(set(coefficients) - set(ROUTER_LOSS_COEFFICIENTS))
+        if unknown:
+            raise ValueError(f"Unknown router-loss coefficients {unknown}; valid: {list(ROUTER_LOSS_COEFFICIENTS)}.")
+        for name, value in coefficients.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not value >= 0
+                or value == float("inf")
+            ):
+                raise ValueError(f"`{name}` must be a float >= 0 (0 disables the loss), got {value!r}.")
+        if coefficients.get("gate_balance_loss_coef") and self.router_type != "soft":
+            raise ValueError(
+                "`gate_balance_loss_coef` (MoLE) requires soft routing, but this adapter uses "
+                f"router_type={self.router_type!r}."
+            )
+        return dataclasses.replace(self, **{name: float(value) for name, value in coefficients.items()})
 
 
 class _Fp32Linear(torch.autograd.Function):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional
@@ -52,15 +52,63 @@ class _GradientCell:
 
 
 @dataclass
-class RouterRecord:
-    """What one adapted layer reports about one adapter's routing in one forward (all tensors detached)."""
+class RoutingStats:
+    """Routing of one adapter in one layer, over one forward or combined over several ([`RoutingStats.combine`]).
 
-    layer: torch.nn.Module
-    adapter_name: str
-    expert_load: torch.Tensor  # (num_experts,), fraction of routing decisions per expert
-    entropy: torch.Tensor  # (), mean router entropy
-    losses: dict[str, torch.Tensor]  # unweighted loss components, e.g. {"load_balancing": ...}
-    weighted_loss: torch.Tensor  # (), sum of coefficient * component
+    Statistics count only real tokens (padding excluded). The tensors are detached and stay on the model's device:
+    reading them is what synchronises with the device.
+    """
+
+    expert_load: torch.Tensor  # (num_experts,), fraction of the routing decisions per expert (sums to 1)
+    mean_gate: torch.Tensor  # (num_experts,), mean gate weight per expert (sums to 1 without an expert mask)
+    entropy: torch.Tensor  # (), mean entropy of the router distribution, in nats
+    num_tokens: torch.Tensor  # (), number of tokens routed
+    experts_per_token: int  # top-k (1 for soft routers, whose load counts the most probable expert)
+    router_type: str
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted router loss components
+    weighted_loss: Optional[torch.Tensor] = None  # (), this layer's weighted router loss (`aux_loss` is their mean)
+    # (batch, num_experts), each sample's share of the routing decisions per expert: only while
+    # `MoeLoraModel.record_sample_routing(True)` is on, for inputs of shape (batch, sequence, features).
+    sample_load: Optional[torch.Tensor] = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_load.numel()
+
+    @property
+    def token_share(self) -> torch.Tensor:
+        """(num_experts,), fraction of the tokens that reached each expert (1 for every expert of a dense router)."""
+        return (self.expert_load * self.experts_per_token).clamp(max=1.0)
+
+    @classmethod
+    def combine(cls, stats: Sequence[RoutingStats]) -> RoutingStats:
+        """Token-weighted statistics of several forwards of the same layer (losses: mean over the forwards)."""
+        if not stats:
+            raise ValueError("No routing statistics to combine.")
+        weights = torch.stack([s.num_tokens.double() for s in stats])
+        share = weights / weights.sum().clamp_min(1.0)
+
+        def mean(values: list[torch.Tensor]) -> torch.Tensor:
+            stacked = torch.stack([v.double() for v in values])
+            return (stacked * share.reshape(-1, *([1] * (stacked.dim() - 1)))).sum(0)
+
+        losses = {
+            key: torch.stack([s.losses[key].double() for s in stats if key in s.losses]).mean()
+            for key in sorted({key for s in stats for key in s.losses})
+        }
+        weighted = [s.weighted_loss.double() for s in stats if s.weighted_loss is not None]
+        samples = [s.sample_load for s in stats]
+        return cls(
+            expert_load=mean([s.expert_load for s in stats]),
+            mean_gate=mean([s.mean_gate for s in stats]),
+            entropy=mean([s.entropy for s in stats]),
+            num_tokens=weights.sum(),
+            experts_per_token=stats[0].experts_per_token,
+            router_type=stats[0].router_type,
+            losses=losses,
+            weighted_loss=torch.stack(weighted).mean() if weighted else None,
+            sample_load=torch.cat(samples) if all(sample is not None for sample in samples) else None,
+        )
 
 
 @dataclass(eq=False)
@@ -70,7 +118,8 @@ class ForwardContext:
     attention_mask: Optional[torch.Tensor] = None
     parent: Optional[ForwardContext] = None  # the enclosing forward, when forwards are nested
     cell: _GradientCell = field(default_factory=_GradientCell)
-    records: list[RouterRecord] = field(default_factory=list)
+    # (layer, adapter name, statistics) of every routed layer, in the order they ran.
+    records: list[tuple[torch.nn.Module, str, RoutingStats]] = field(default_factory=list)
     # Weighted losses recorded with their autograd graph, and the (layer, adapter) pairs that recorded them: those
     # must not inject their gradient again when a non-reentrant checkpoint recomputes them.
     graph_losses: list[torch.Tensor] = field(default_factory=list)
@@ -161,6 +210,7 @@ class RoutingState:
         # Forwards that ran with gradients, held weakly: their autograd graph (the `aux_loss` anchor) keeps them alive.
         self._grad_forwards: list[weakref.ref] = []
         self.warned_no_router_loss_gradient = False
+        self.record_sample_routing = False
 
     def open_forward(self, context: ForwardContext) -> None:
         self.active = context
@@ -289,8 +339,8 @@ def build_aux_loss(context: ForwardContext, device: torch.device) -> torch.Tenso
     """
     num_records = max(len(context.records), 1)
     total = torch.zeros((), device=device, dtype=torch.float32)
-    for record in context.records:
-        total = total + record.weighted_loss.to(device)
+    for _, _, stats in context.records:
+        total = total + stats.weighted_loss.to(device)
     total = total / num_records
     if not torch.is_grad_enabled() or not context.records:
         return total

@@ -161,10 +161,10 @@ def test_warns_once_when_router_losses_get_no_gradient(setup, mode):
             model(**inputs, use_cache=False).logits.float().pow(2).mean().backward()
     assert sum("outputs.aux_loss" in str(w.message) for w in record) == 1  # once, not at every step
 
-    for module in model.modules():  # no router losses: nothing is lost, nothing to say
-        for options in getattr(module, "routing_options", {}).values():
-            for coef in ("aux_loss_coef", "router_z_loss_coef", "contrastive_loss_coef", "gate_balance_loss_coef"):
-                options[coef] = 0.0
+    # No router losses: nothing is lost, nothing to say.
+    model.base_model.set_router_loss_coefficients(
+        aux_loss_coef=0.0, router_z_loss_coef=0.0, contrastive_loss_coef=0.0, gate_balance_loss_coef=0.0
+    )
     fresh = copy.deepcopy(model)
     fresh.base_model._routing_state.warned_no_router_loss_gradient = False
     with warnings.catch_warnings():

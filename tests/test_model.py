@@ -1,6 +1,7 @@
 """MOELORA on a tiny Llama through the whole peft API. One table of configs; every check runs on every row."""
 
 import copy
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -13,7 +14,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from moe_peft_plugin import MoeLoraConfig, MoeLoraMergeError, losses
+from moe_peft_plugin import MoeLoraConfig, MoeLoraMergeError, RoutingStats, losses
 
 from .helpers import batch, build_tiny_llama
 
@@ -186,10 +187,9 @@ def test_router_loss_gradient_identical_in_every_checkpointing_mode(name, kwargs
     if kwargs["num_experts"] != 1:
         # The router-loss part of the router gradient is real (not zero) in every mode.
         no_aux = copy.deepcopy(model)
-        for module in no_aux.modules():
-            for options in getattr(module, "routing_options", {}).values():
-                for coef in ("aux_loss_coef", "router_z_loss_coef", "contrastive_loss_coef", "gate_balance_loss_coef"):
-                    options[coef] = 0.0
+        no_aux.base_model.set_router_loss_coefficients(
+            aux_loss_coef=0.0, router_z_loss_coef=0.0, contrastive_loss_coef=0.0, gate_balance_loss_coef=0.0
+        )
         without = grads(None, no_aux)
         router_keys = [k for k in reference if "moelora_router" in k]
         assert any(not torch.allclose(reference[k], without[k]) for k in router_keys)
@@ -379,3 +379,76 @@ def test_contrastive_gradient_is_bounded_at_zero_init():
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
     total = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None))
     assert torch.isfinite(total) and total < 1e3, total
+
+
+def test_router_loss_coefficients_are_set_through_the_model():
+    model, tokenizer = _peft_model(MODEL_CASES[0][1])
+    layers = [m for m in model.modules() if hasattr(m, "routing_options")]
+    options = layers[0].routing_options["default"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.aux_loss_coef = 1.0  # nothing changes routing behind the layer's back
+    model.base_model.set_router_loss_coefficients(aux_loss_coef=0.2, contrastive_loss_coef=0.0)
+    assert all(layer.routing_options["default"].aux_loss_coef == 0.2 for layer in layers)
+    assert all(layer.routing_options["default"].contrastive_loss_coef == 0.0 for layer in layers)
+    assert model.peft_config["default"].aux_loss_coef == 0.2  # the saved config records what was trained with
+    model.base_model.set_router_loss_coefficients(aux_loss_coef=0.5, update_config=False)
+    assert (
+        layers[-1].routing_options["default"].aux_loss_coef == 0.5
+        and model.peft_config["default"].aux_loss_coef == 0.2
+    )
+    for bad, match in [
+        ({"aux_loss_coef": -1.0}, "aux_loss_coef"),
+        ({"aux_loss": 0.1}, "Unknown router-loss coefficients"),
+        ({"gate_balance_loss_coef": 0.1}, "requires soft routing"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model.base_model.set_router_loss_coefficients(**bad)
+        assert all(layer.routing_options["default"].aux_loss_coef == 0.5 for layer in layers)  # nothing half-set
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        model.base_model.set_router_loss_coefficients("other", aux_loss_coef=0.1)
+    # The new value is what the next forward uses.
+    inputs = batch(tokenizer)
+    model.train()
+    model(**inputs)
+    stats = next(iter(model.get_routing_stats().values()))["default"]
+    torch.testing.assert_close(
+        stats.weighted_loss, 0.5 * stats.losses["load_balancing"] + 1e-3 * stats.losses["router_z"]
+    )
+
+
+def test_routing_stats_of_one_forward_combine_and_sample_loads():
+    model, tokenizer = _peft_model({"num_experts": 4, "top_k": 2, "target_modules": ["q_proj", "down_proj"]})
+    model.eval()
+    texts = ["the cat sat on the mat and looked at the dog", "a mixture of experts routes every token to a few experts"]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    assert bool(enc["attention_mask"].all())  # same length: the batch is exactly the two samples side by side
+    model.base_model.record_sample_routing(True)
+    with torch.no_grad():
+        model(**enc)
+        both = model.get_routing_stats()
+        singles = []
+        for i in range(2):
+            model(input_ids=enc["input_ids"][i : i + 1], attention_mask=enc["attention_mask"][i : i + 1])
+            singles.append(model.get_routing_stats())
+    assert len(both) == 8
+    for name, by_adapter in both.items():
+        stats = by_adapter["default"]
+        assert stats.num_experts == 4 and stats.experts_per_token == 2 and stats.router_type == "topk"
+        assert int(stats.num_tokens) == enc["input_ids"].numel()
+        torch.testing.assert_close(stats.mean_gate.sum(), torch.tensor(1.0))
+        assert stats.sample_load.shape == (2, 4)
+        combined = RoutingStats.combine([single[name]["default"] for single in singles])
+        for field in ("expert_load", "mean_gate", "entropy", "num_tokens", "sample_load"):
+            torch.testing.assert_close(getattr(combined, field).float(), getattr(stats, field).float(), msg=field)
+        for i in range(2):
+            torch.testing.assert_close(stats.sample_load[i], singles[i][name]["default"].expert_load)
+    model.base_model.record_sample_routing(False)
+    with torch.no_grad():
+        model(**enc)
+    assert all(s["default"].sample_load is None for s in model.get_routing_stats().values())
+    # Padding is not counted.
+    padded = batch(tokenizer)
+    with torch.no_grad():
+        model(**padded)
+    stats = next(iter(model.get_routing_stats().values()))["default"]
+    assert int(stats.num_tokens) == int(padded["attention_mask"].sum()) < padded["attention_mask"].numel()

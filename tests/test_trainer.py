@@ -136,10 +136,9 @@ def _max_diff(got: dict, expected: dict) -> float:
 
 def _without_router_losses(model):
     model = copy.deepcopy(model)
-    for module in model.modules():
-        for options in getattr(module, "routing_options", {}).values():
-            for key in ("aux_loss_coef", "router_z_loss_coef", "contrastive_loss_coef", "gate_balance_loss_coef"):
-                options[key] = 0.0
+    model.base_model.set_router_loss_coefficients(
+        aux_loss_coef=0.0, router_z_loss_coef=0.0, contrastive_loss_coef=0.0, gate_balance_loss_coef=0.0
+    )
     return model
 
 
@@ -351,7 +350,7 @@ def test_coefficient_overrides_and_warmup(tmp_path):
         moelora_loss_warmup_steps=4,
     )  # fmt: skip
     layer = trainer.model.get_base_model().model.layers[1].mlp.up_proj
-    assert layer.routing_options["default"]["aux_loss_coef"] == 0.2
+    assert layer.routing_options["default"].aux_loss_coef == 0.2
     trainer.train()
     train_logs = [log for log in logs.logs if "loss" in log]
     assert [log["router/loss_scale"] for log in train_logs] == [0.0, 0.25, 0.5]
@@ -361,7 +360,7 @@ def test_coefficient_overrides_and_warmup(tmp_path):
     components = 0.2 * train_logs[2]["router/load_balancing"] + 0.01 * train_logs[2]["router/router_z"]
     assert train_logs[2]["router/aux_loss"] == pytest.approx(0.5 * components, rel=1e-5)
     # The warm-up ends with the configured values; the saved adapter records the override.
-    assert layer.routing_options["default"]["aux_loss_coef"] == 0.2
+    assert layer.routing_options["default"].aux_loss_coef == 0.2
     trainer.save_model(str(tmp_path / "adapter"))
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["aux_loss_coef"] == 0.2 and saved["router_z_loss_coef"] == 0.01

@@ -20,12 +20,11 @@ from .coefficients import RouterLossCoefficients
 from .config import MoeLoraSFTConfig
 from .distributed import deepspeed_requested, setup_deepspeed_without_cuda, with_configured_state
 from .sft_trainer import MoeLoraSFTTrainer
-from .stats import LayerRouting, LoadHeatmap, RouterStatsTracker, RoutingWindow
+from .stats import LoadHeatmap, RouterStatsTracker, RoutingWindow
 
 
 __all__ = [
     "HEATMAP_FILENAME",
-    "LayerRouting",
     "LoadHeatmap",
     "MoeLoraSFTConfig",
     "MoeLoraSFTTrainer",

@@ -1,8 +1,7 @@
 """Runtime control of the router-loss coefficients of the MOELORA layers of a model (overrides and warm-up).
 
-The layers read their coefficients from `layer.routing_options[adapter]` on every forward (and on the recomputation in
-the backward pass), so writing there takes effect at the next step. moe_peft_plugin has no public setter for them yet;
-this module is the one place that writes them.
+The layers read their coefficients from their `RoutingOptions` on every forward (and on the recomputation in the
+backward pass), so a change through `MoeLoraLayer.set_router_loss_coefficients` takes effect at the next step.
 """
 
 from __future__ import annotations
@@ -12,9 +11,10 @@ from typing import Optional
 from torch import nn
 
 from moe_peft_plugin import MoeLoraLayer
+from moe_peft_plugin.routing import ROUTER_LOSS_COEFFICIENTS
 
 
-COEFFICIENTS = ("aux_loss_coef", "router_z_loss_coef", "contrastive_loss_coef", "gate_balance_loss_coef")
+COEFFICIENTS = ROUTER_LOSS_COEFFICIENTS
 
 
 def moelora_layers(model: nn.Module) -> list[MoeLoraLayer]:
@@ -40,52 +40,41 @@ class RouterLossCoefficients:
 
     def __init__(self, model: nn.Module, overrides: Optional[dict[str, float]] = None) -> None:
         overrides = dict(overrides or {})
-        unknown = sorted(set(overrides) - set(COEFFICIENTS))
-        if unknown:
-            raise ValueError(f"Unknown router-loss coefficients {unknown}; valid: {list(COEFFICIENTS)}.")
         self.layers = moelora_layers(model)
         if overrides and not self.layers:
             raise ValueError(
                 f"Router-loss coefficients {overrides} were set, but the model has no MOELORA adapter: pass a "
                 "`MoeLoraConfig` as `peft_config`, or a model wrapped with one."
             )
-        if overrides.get("gate_balance_loss_coef"):
-            for layer in self.layers:
-                for adapter, options in layer.routing_options.items():
-                    if options["router_type"] != "soft":
-                        raise ValueError(
-                            "`moelora_gate_balance_loss_coef` (MoLE) requires soft routing, but adapter "
-                            f"{adapter!r} uses router_type={options['router_type']!r}."
-                        )
-        for layer in self.layers:
-            for options in layer.routing_options.values():
-                options.update(overrides)
+        # Validate against every layer before changing any.
+        updated = [
+            (layer, adapter, options.with_coefficients(**overrides))
+            for layer in self.layers
+            for adapter, options in layer.routing_options.items()
+        ]
+        for layer, adapter, options in updated:
+            layer.routing_options[adapter] = options
         if overrides:
             for config in _peft_configs(model):
                 for key, value in overrides.items():
-                    setattr(config, key, value)
-        self._base = [
-            (options, {key: options[key] for key in COEFFICIENTS})
-            for layer in self.layers
-            for options in layer.routing_options.values()
-        ]
+                    setattr(config, key, float(value))
+        self._base = [(layer, adapter, options.coefficients) for layer, adapter, options in updated]
         self.scale = 1.0
 
     def set_scale(self, scale: float) -> None:
         """Multiply every base coefficient by `scale` (1.0 restores them)."""
         self.scale = float(scale)
-        for options, base in self._base:
-            for key, value in base.items():
-                options[key] = value * self.scale
+        for layer, adapter, base in self._base:
+            layer.set_router_loss_coefficients(adapter, **{key: value * self.scale for key, value in base.items()})
 
     def any_active(self) -> bool:
         """Whether a router loss of an active adapter currently has a non-zero coefficient."""
         return any(
-            layer.routing_options[adapter][key] > 0
+            value > 0
             for layer in self.layers
             for adapter in layer.active_adapters
             if adapter in layer.routing_options
-            for key in COEFFICIENTS
+            for value in layer.routing_options[adapter].coefficients.values()
         )
 
 

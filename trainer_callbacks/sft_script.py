@@ -237,4 +237,3 @@ def parse_args(argv: Optional[list[str]] = None):
     if deepspeed_requested(argv) and setup_deepspeed_without_cuda():
         argv = with_configured_state(argv)
     return make_parser().parse_args_and_config(argv)
-

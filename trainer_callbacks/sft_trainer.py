@@ -226,7 +226,6 @@ class MoeLoraSFTTrainer(SFTTrainer):
         self._capture = _LossForwardCapture(tuner)
         # Registered after MOELORA's own hooks on the same module, so `outputs.aux_loss` is complete when it runs.
         self._capture_handle = unwrapped.register_forward_hook(self._capture, with_kwargs=True)
-        self._experts_per_token_cache: dict[tuple[str, str], int] = {}
 
         warmup = _option(args, "moelora_loss_warmup_steps")
         if warmup and not self._has_callback(RouterLossWarmupCallback):
@@ -255,19 +254,6 @@ class MoeLoraSFTTrainer(SFTTrainer):
     def add_callback(self, callback: Union[type[TrainerCallback], TrainerCallback]) -> None:
         super().add_callback(callback)
         self._bind_callbacks()
-
-    def _experts_per_token(self, name: str, adapter: str) -> int:
-        """Experts each token is routed to in a layer (1 for soft routers, whose load counts the top expert)."""
-        key = (name, adapter)
-        if key not in self._experts_per_token_cache and self._capture.tuner is not None:
-            for module_name, module in self._capture.tuner.model.named_modules():
-                if isinstance(module, MoeLoraLayer):
-                    for adapter_name, options in module.routing_options.items():
-                        per_token = min(module.top_k[adapter_name], module.num_experts[adapter_name])
-                        self._experts_per_token_cache[(module_name, adapter_name)] = (
-                            1 if options["router_type"] == "soft" else per_token
-                        )
-        return self._experts_per_token_cache.get(key, 1)
 
     def _aux_loss_divisor(self, num_items_in_batch: Any) -> int:
         """The factor `Trainer.training_step` would divide an unscaled loss by (mirrors its rule exactly)."""
@@ -314,7 +300,7 @@ class MoeLoraSFTTrainer(SFTTrainer):
             if training and aux_loss.requires_grad:
                 self._gradient_probe = _GradientProbe(aux_loss)
         if self.router_stats is not None:
-            self.router_stats.add(mode, stats or {}, aux_loss, self._experts_per_token)
+            self.router_stats.add(mode, stats or {}, aux_loss)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, *args, **kwargs):

@@ -14,15 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-
-@dataclass
-class LayerRouting:
-    """Routing of one adapter in one layer over a logging window (means over the forwards of the window)."""
-
-    name: str  # module name, with `[adapter]` appended for adapters other than "default"
-    expert_load: np.ndarray  # (num_experts,), fraction of the routing decisions per expert (sums to 1)
-    token_share: np.ndarray  # (num_experts,), fraction of the layer's tokens that reached each expert
-    entropy: float  # mean router entropy, in nats
+from moe_peft_plugin import RoutingStats
 
 
 @dataclass
@@ -31,16 +23,18 @@ class RoutingWindow:
 
     mode: str
     num_forwards: int
-    layers: list[LayerRouting]
+    # Per layer (module name, with `[adapter]` appended for adapters other than "default"): the mean over the forwards
+    # of the window (CPU tensors; `losses` and `weighted_loss` are not kept per layer).
+    layers: dict[str, RoutingStats]
     aux_loss: float  # mean of `outputs.aux_loss` (weighted sum of the router losses)
     components: dict[str, float]  # mean over layers of each unweighted loss component
 
     def dead_experts(self, threshold: float) -> list[tuple[str, int]]:
         """`(layer, expert)` pairs whose token share is below `threshold`."""
         return [
-            (layer.name, int(expert))
-            for layer in self.layers
-            for expert in np.flatnonzero(layer.token_share < threshold)
+            (name, int(expert))
+            for name, layer in self.layers.items()
+            for expert in torch.nonzero(layer.token_share < threshold).flatten().tolist()
         ]
 
     def metrics(self, dead_expert_threshold: float, per_layer: bool = False) -> dict[str, float]:
@@ -48,17 +42,17 @@ class RoutingWindow:
         metrics = {"router/aux_loss": self.aux_loss}
         metrics.update({f"router/{name}": value for name, value in sorted(self.components.items())})
         if self.layers:
-            metrics["router/entropy"] = float(np.mean([layer.entropy for layer in self.layers]))
+            metrics["router/entropy"] = float(np.mean([float(layer.entropy) for layer in self.layers.values()]))
             metrics["router/dead_experts"] = float(len(self.dead_experts(dead_expert_threshold)))
             # 1.0 when every expert gets the same load; num_experts when one expert gets everything.
             metrics["router/max_load_imbalance"] = float(
-                max(layer.expert_load.max() * len(layer.expert_load) for layer in self.layers)
+                max(float(layer.expert_load.max()) * layer.num_experts for layer in self.layers.values())
             )
         if per_layer:
-            for layer in self.layers:
-                metrics[f"router/entropy/{layer.name}"] = layer.entropy
-                for expert, load in enumerate(layer.expert_load):
-                    metrics[f"router/load/{layer.name}/{expert}"] = float(load)
+            for name, layer in self.layers.items():
+                metrics[f"router/entropy/{name}"] = float(layer.entropy)
+                for expert, load in enumerate(layer.expert_load.tolist()):
+                    metrics[f"router/load/{name}/{expert}"] = float(load)
         return metrics
 
 
@@ -66,9 +60,9 @@ class RoutingWindow:
 class _Accumulator:
     """Sums over the forwards of one window; tensors stay on the model's device until the window is flushed."""
 
-    slots: tuple[tuple[str, int, int], ...]  # (name, num_experts, experts per token) per (layer, adapter)
-    loads: torch.Tensor  # (sum of num_experts,)
-    entropy: torch.Tensor  # (num slots,)
+    slots: tuple[tuple[str, int, int, str], ...]  # (name, num_experts, experts per token, router type) per layer
+    loads: torch.Tensor  # (2 * sum of num_experts,): expert loads, then mean gates
+    entropy: torch.Tensor  # (2 * num slots,): entropies, then token counts
     aux_loss: torch.Tensor  # ()
     count: int = 0
     # Loss components come and go with their coefficients (e.g. during a warm-up from 0): each has its own count.
@@ -109,7 +103,6 @@ class RouterStatsTracker:
         mode: str,
         stats: Mapping[str, Mapping[str, object]],
         aux_loss: Optional[torch.Tensor],
-        experts_per_token: Callable[[str, str], int],
     ) -> None:
         """Add one forward: `stats` as returned by `MoeLoraModel.get_routing_stats()`, `aux_loss` its output."""
         records = [
@@ -120,8 +113,9 @@ class RouterStatsTracker:
         slots = tuple(
             (
                 name if adapter == "default" else f"{name}[{adapter}]",
-                record.expert_load.numel(),
-                experts_per_token(name, adapter),
+                record.num_experts,
+                record.experts_per_token,
+                record.router_type,
             )
             for name, adapter, record in records
         )
@@ -129,12 +123,18 @@ class RouterStatsTracker:
         device = records[0][2].expert_load.device if records else aux_loss.device
         with torch.no_grad():
             loads = (
-                torch.cat([record.expert_load.float().reshape(-1) for _, _, record in records])
+                torch.cat(
+                    [r.expert_load.float().reshape(-1) for _, _, r in records]
+                    + [r.mean_gate.float().reshape(-1) for _, _, r in records]
+                )
                 if records
                 else torch.zeros(0, device=device)
             )
             entropy = (
-                torch.stack([record.entropy.float().reshape(()) for _, _, record in records])
+                torch.stack(
+                    [r.entropy.float().reshape(()) for _, _, r in records]
+                    + [r.num_tokens.float().reshape(()) for _, _, r in records]
+                )
                 if records
                 else torch.zeros(0, device=device)
             )
@@ -177,16 +177,22 @@ class RouterStatsTracker:
         packed = packed.double().cpu().numpy()
         count = packed[-1]
         num_loads, num_slots, num_components = acc.loads.numel(), acc.entropy.numel(), len(names)
-        loads = packed[:num_loads] / count
-        entropy = packed[num_loads : num_loads + num_slots] / count
+        loads = torch.from_numpy(packed[:num_loads] / count)
+        entropy = torch.from_numpy(packed[num_loads : num_loads + num_slots] / count)
         offset = num_loads + num_slots
         component_sums = packed[offset : offset + num_components]
         component_counts = packed[offset + num_components : offset + 2 * num_components]
-        layers, offset = [], 0
-        for (name, num_experts, per_token), layer_entropy in zip(acc.slots, entropy):
-            load = loads[offset : offset + num_experts]
+        layers, offset, gate_offset = {}, 0, num_loads // 2
+        for index, (name, num_experts, per_token, router_type) in enumerate(acc.slots):
+            layers[name] = RoutingStats(
+                expert_load=loads[offset : offset + num_experts],
+                mean_gate=loads[gate_offset + offset : gate_offset + offset + num_experts],
+                entropy=entropy[index],
+                num_tokens=entropy[len(acc.slots) + index] * count,
+                experts_per_token=per_token,
+                router_type=router_type,
+            )
             offset += num_experts
-            layers.append(LayerRouting(name, load, np.minimum(load * per_token, 1.0), float(layer_entropy)))
         window = RoutingWindow(
             mode=mode,
             num_forwards=int(round(count)),
@@ -197,10 +203,10 @@ class RouterStatsTracker:
         self.latest[mode] = window
         self.num_windows[mode] += 1
         if mode == "train":
-            for layer in layers:
-                total, n = self._heatmap_sums.get(layer.name, (0.0, 0))
-                self._heatmap_sums[layer.name] = (
-                    total + layer.expert_load * window.num_forwards,
+            for name, layer in layers.items():
+                total, n = self._heatmap_sums.get(name, (0.0, 0))
+                self._heatmap_sums[name] = (
+                    total + layer.expert_load.numpy() * window.num_forwards,
                     n + window.num_forwards,
                 )
             self._heatmap_windows += 1

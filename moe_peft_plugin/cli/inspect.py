@@ -114,13 +114,13 @@ def collect_routing(
             log_temperature = (
                 layer.moelora_log_temperature[adapter_name] if adapter_name in layer.moelora_log_temperature else None
             )
-            temperature = options["temperature"] if log_temperature is None else log_temperature.float().exp()
+            temperature = options.router_temperature if log_temperature is None else log_temperature.float().exp()
             expert_mask = layer.expert_mask[adapter_name]
             logits = router_logits(tokens, layer.moelora_router[adapter_name])
             routing = route(
                 logits,
                 top_k=layer.top_k[adapter_name],
-                router_type=options["router_type"],
+                router_type=options.router_type,
                 temperature=temperature,
                 noise_std=0.0,
                 expert_mask=None if expert_mask is None else expert_mask.to(logits.device),
@@ -166,7 +166,7 @@ def collect_routing(
                 name=name,
                 num_experts=layer.num_experts[adapter_name],
                 top_k=min(layer.top_k[adapter_name], layer.num_experts[adapter_name]),
-                router_type=layer.routing_options[adapter_name]["router_type"],
+                router_type=layer.routing_options[adapter_name].router_type,
                 load=load,
                 gate=acc.gate / n,
                 entropy=acc.entropy / n,
