@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import MoeLoraConfig, expand_per_layer
 from .layer import MERGE_ERROR_MESSAGE, Linear, MoeLoraLayer, MoeLoraMergeError
-from .mole import LoraExperts, load_lora_experts
+from .mole import LoraExperts, check_target_modules, load_lora_experts
 from .registration import PREFIX
 from .state import ForwardContext, RoutingState, build_aux_loss
 
@@ -130,6 +130,8 @@ class MoeLoraModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: MoeLoraConfig, model_config: dict) -> MoeLoraConfig:
         if peft_config.expert_adapters:
             experts = load_lora_experts(self.model, peft_config.expert_adapters)
+            if peft_config.target_modules is not None:
+                check_target_modules(self.model, peft_config.target_modules, peft_config.task_type, experts)
             self._pending_experts[id(peft_config)] = experts
             # The experts keep their own LoRA scaling (folded into B), so the layer scaling must be 1.
             peft_config.r = experts.rank

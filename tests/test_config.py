@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from peft import LoraConfig, PeftConfig, get_peft_config, get_peft_model
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import moe_peft_plugin
@@ -50,9 +51,9 @@ BAD_CONFIGS = [
     ({"expert_adapters": []}, "expert_adapters"),
     ({"expert_adapters": ["a", "a"]}, "expert_adapters"),
     ({"expert_adapters": ["a", "b"], "num_experts": 3}, "num_experts"),
+    ({"expert_adapters": ["a", "b", "c"], "num_experts": 8}, "num_experts"),  # 8 is the default: still explicit
     ({"expert_adapters": ["a", "b"], "num_experts": [1, 2]}, "num_experts"),
     ({"expert_adapters": ["a", "b"], "top_k": 3, "router_type": "topk"}, "top_k"),
-    ({"expert_adapters": ["a", "b"], "target_modules": ["q_proj"]}, "target_modules"),
     ({"num_experts": 2, "expert_names": ["a", "b", "c"]}, "expert_names"),
     ({"task_type": "NOT_A_TASK"}, "task type"),
 ]
@@ -105,6 +106,38 @@ def test_get_peft_config_and_roundtrip(tmp_path):
     assert isinstance(loaded, MoeLoraConfig) and loaded.num_experts == [2, 4] and loaded.top_k == 1
     with pytest.raises(TypeError):
         get_peft_config({"peft_type": "MOELORA", "not_a_field": 1})
+
+
+def test_num_experts_unset_is_not_the_default_value():
+    assert MoeLoraConfig().num_experts == 8
+    assert MoeLoraConfig(num_experts=None).num_experts == 8
+    assert MoeLoraConfig(expert_adapters=["a", "b", "c"]).num_experts == 3
+    assert MoeLoraConfig(expert_adapters=["a", "b", "c"], num_experts=3).num_experts == 3
+    with pytest.raises(ValueError, match=r"`num_experts` \(8\) must equal the number of `expert_adapters` \(3\)"):
+        MoeLoraConfig(expert_adapters=["a", "b", "c"], num_experts=8)
+    assert MoeLoraConfig.from_lora_config(LoraConfig(target_modules=["q_proj"])).num_experts == 8
+    # A saved config always records the resolved count, and reads back to the same config.
+    for config in (MoeLoraConfig(target_modules=["q_proj"]), MoeLoraConfig(expert_adapters=["a", "b", "c"])):
+        saved = json.loads(json.dumps(config.to_dict(), default=sorted))
+        assert saved["num_experts"] == config.num_experts
+        assert get_peft_config(saved).to_dict() == config.to_dict()
+
+
+def test_saved_adapters_round_trip(tmp_path):
+    """Plain MOELORA adapters load back with the expert count they were saved with (also the default one)."""
+    for name, kwargs in {"default": {}, "four": {"num_experts": 4}, "mola": {"num_experts": [2, 4]}}.items():
+        model, tokenizer = build_tiny_llama()
+        config = MoeLoraConfig(target_modules=["q_proj"], top_k=1, init_weights=False, **kwargs)
+        model = get_peft_model(model, config).eval()
+        inputs = tokenizer(["the cat sat on the mat"], return_tensors="pt")
+        expected = model(**inputs).logits
+        model.save_pretrained(tmp_path / name)
+        saved = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        assert saved["num_experts"] == config.num_experts
+        assert get_peft_config(saved).num_experts == config.num_experts
+        loaded = PeftModel.from_pretrained(build_tiny_llama()[0], tmp_path / name).eval()
+        assert loaded.peft_config["default"].num_experts == config.num_experts
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=0)
 
 
 def test_from_lora_config_copies_lora_fields():
