@@ -64,24 +64,44 @@ def _check_coef(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a float >= 0 (0 disables the loss), got {value!r}.")
 
 
+def mola_group_sizes(num_layers: int, num_groups: int) -> list[int]:
+    """Sizes of the groups of consecutive layers that a MoLA list with `num_groups` entries covers.
+
+    The layers are split as evenly as possible: every group gets `num_layers // num_groups` layers, and the
+    `num_layers % num_groups` remaining layers go one each to the groups at the ends, alternately from the first and the
+    last group inwards (first, last, second, second to last, ...). 30 layers in 4 groups: `[8, 7, 7, 8]`; 7 layers in 3
+    groups: `[3, 2, 2]`. When the remainder is even the sizes are symmetric, so an allocation and its reverse
+    (`[2, 4, 6, 8]` and `[8, 6, 4, 2]`) have the same number of experts.
+    """
+    if not 1 <= num_groups <= num_layers:
+        raise ValueError(f"Cannot split {num_layers} layers into {num_groups} non-empty groups.")
+    base, extra = divmod(num_layers, num_groups)
+    sizes = [base] * num_groups
+    outside_in = [i // 2 if i % 2 == 0 else num_groups - 1 - i // 2 for i in range(num_groups)]
+    for group in outside_in[:extra]:
+        sizes[group] += 1
+    return sizes
+
+
 def expand_per_layer(name: str, value: int | list[int], num_layers: int) -> list[int]:
     """Expand an int or a MoLA-style list into one value per decoder layer.
 
-    A list with one entry per layer is used as is. A shorter list must divide the layer count and gives one value per
-    group of consecutive layers: `[2, 4, 6, 8]` on 32 layers means layers 0-7 get 2, layers 8-15 get 4, and so on.
+    A list with one entry per layer is used as is. A shorter list gives one value per group of consecutive layers,
+    split as evenly as possible by [`mola_group_sizes`]: `[2, 4, 6, 8]` on 32 layers means layers 0-7 get 2, layers
+    8-15 get 4, and so on; on 30 layers the groups have 8, 7, 7 and 8 layers.
     """
     if isinstance(value, int):
         return [value] * num_layers
     value = list(value)
     if len(value) == num_layers:
         return value
-    if len(value) > num_layers or num_layers % len(value) != 0:
+    if len(value) > num_layers:
         raise ValueError(
             f"`{name}` has {len(value)} entries, which does not fit a model with {num_layers} layers: give one entry "
-            f"per layer ({num_layers}) or one per group of consecutive layers, with a count that divides {num_layers}."
+            f"per layer ({num_layers}) or one per group of consecutive layers (at most {num_layers} groups)."
         )
-    group = num_layers // len(value)
-    return [v for v in value for _ in range(group)]
+    sizes = mola_group_sizes(num_layers, len(value))
+    return [v for v, size in zip(value, sizes) for _ in range(size)]
 
 
 @dataclass
@@ -95,7 +115,8 @@ class MoeLoraConfig(PeftConfig):
 
     - MoELoRA (arXiv 2402.12851): `num_experts=8, top_k=2, router_type="topk"`, load balancing and
       `contrastive_loss_coef > 0`.
-    - MoLA (arXiv 2402.08562): `num_experts=[2, 4, 6, 8]` (one count per layer or per group of layers).
+    - MoLA (arXiv 2402.08562): `num_experts=[2, 4, 6, 8]` (one count per layer or per group of consecutive layers,
+      the groups as even as possible).
     - MoLE (arXiv 2404.13628): `expert_adapters=[lora_dir_1, lora_dir_2, ...]`: trained LoRAs become frozen experts,
       a soft router with a learnable temperature is trained, optionally with `gate_balance_loss_coef`.
 
@@ -130,8 +151,11 @@ class MoeLoraConfig(PeftConfig):
         trainable_token_indices (`Optional[Union[List[int], dict[str, List[int]]]]`):
             Token indices of the embedding to train, as in LoRA.
         num_experts (`Optional[Union[int, List[int]]]`):
-            Experts per adapted layer. A list (MoLA) gives one count per decoder layer, or one per group of
-            consecutive layers when it is shorter and divides the layer count. `None` (unset) means 8, or one expert
+            Experts per adapted layer. A list (MoLA) gives one count per decoder layer, or, when it is shorter, one
+            count per group of consecutive layers. The groups are as even as possible: each has `L // G` layers (L
+            layers, G entries) and the `L % G` remaining layers go one each to the groups at the ends, alternately
+            from the first and the last inwards (30 layers, `[2, 4, 6, 8]`: groups of 8, 7, 7 and 8 layers; see
+            [`~moe_peft_plugin.config.mola_group_sizes`]). `None` (unset) means 8, or one expert
             per LoRA with `expert_adapters`; an explicit value must then equal the number of `expert_adapters`.
         top_k (`Union[int, List[int]]`):
             Experts used per token with `router_type="topk"`; an int or a list with the same rules as `num_experts`.
