@@ -61,6 +61,7 @@ from transformers.utils import logging as transformers_logging
 
 import moe_peft_plugin  # noqa: F401  (registers MOELORA)
 from moe_peft_plugin import MoeLoraConfig
+from moe_peft_plugin.config import mola_group_sizes
 
 
 # Targets of the performance issue.
@@ -84,15 +85,12 @@ class Case:
 
 
 def mola_experts(num_layers: int) -> tuple[list[int], str]:
-    """MoLA's inverted triangle 2-4-6-8 over four groups of consecutive layers (as even as possible, larger at the ends)."""
+    """MoLA's inverted triangle 2-4-6-8 over four groups of consecutive layers, split by the library's rule."""
     if num_layers % 4 == 0:
         return [2, 4, 6, 8], "2-4-6-8"
-    base, extra = divmod(num_layers, 4)
-    sizes = [base] * 4
-    for group in (0, 3, 1, 2)[:extra]:
-        sizes[group] += 1
-    per_layer = [experts for experts, size in zip((2, 4, 6, 8), sizes) for _ in range(size)]
-    return per_layer, f"2-4-6-8 ({'/'.join(map(str, sizes))})"
+    # The adapter expands the short list itself; the label records the group sizes it uses.
+    sizes = mola_group_sizes(num_layers, 4)
+    return [2, 4, 6, 8], f"2-4-6-8 ({'/'.join(map(str, sizes))})"
 
 
 def train_cases(num_layers: int) -> list[Case]:

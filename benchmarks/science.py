@@ -52,10 +52,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "science"
 
-# The model has 30 decoder layers; MoLA's four layer quarters become groups of 8, 7, 7 and 8 layers so that every
-# allocation has the same total number of experts (150).
+# The model has 30 decoder layers; the library splits MoLA's four layer groups into 8, 7, 7 and 8 layers
+# (`moe_peft_plugin.config.mola_group_sizes`), so that every allocation has the same total number of experts (150).
 NUM_LAYERS = 30
-MOLA_GROUP_SIZES = (8, 7, 7, 8)
 MOLA_ALLOCATIONS = {"mola_2468": (2, 4, 6, 8), "mola_5555": (5, 5, 5, 5), "mola_8642": (8, 6, 4, 2)}
 
 MOELORA_TASK = "commonsense_qa"
@@ -91,13 +90,18 @@ class RunSpec:
         return f"{self.name}-seed{self.seed}"
 
 
+def mola_group_sizes(num_groups: int = 4) -> list[int]:
+    """Layers per MoLA group on the study's model: the library's rule (imported here to keep the CLI light)."""
+    from moe_peft_plugin.config import mola_group_sizes
+
+    return mola_group_sizes(NUM_LAYERS, num_groups)
+
+
 def mola_list(allocation: Sequence[int]) -> list[int]:
-    """One expert count per decoder layer from one count per layer group."""
-    counts = []
-    for count, size in zip(allocation, MOLA_GROUP_SIZES):
-        counts += [count] * size
-    assert len(counts) == NUM_LAYERS
-    return counts
+    """One expert count per decoder layer from one count per layer group, exactly as the adapter expands it."""
+    from moe_peft_plugin.config import expand_per_layer
+
+    return expand_per_layer("num_experts", list(allocation), NUM_LAYERS)
 
 
 def plan(studies: Sequence[str], seeds: Sequence[int], max_steps: int, eval_size: int) -> list[RunSpec]:
@@ -858,7 +862,7 @@ def report(out_dir: Path) -> Path:
         "MoLA allocations",
         ["base", *MOLA_ALLOCATIONS],
         [("mola_5555", "mola_2468"), ("mola_8642", "mola_2468")],
-        f"Groups of {'-'.join(map(str, MOLA_GROUP_SIZES))} consecutive layers (bottom to top) of the "
+        f"Groups of {'-'.join(map(str, mola_group_sizes()))} consecutive layers (bottom to top) of the "
         f"{NUM_LAYERS}-layer model; every allocation has {sum(mola_list((5, 5, 5, 5)))} experts of rank 8.",
     )
     if any(r["spec"]["study"] == "mole" for r in results):

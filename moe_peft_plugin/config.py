@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -12,6 +11,7 @@ from .registration import PEFT_TYPE
 
 
 ROUTER_TYPES = ("topk", "soft")
+DEFAULT_NUM_EXPERTS = 8  # `num_experts` when it is left unset (None) and there are no `expert_adapters`
 BIAS_TYPES = ("none", "all", "moelora_only")
 
 # LoRA fields that carry over unchanged (same name and meaning) in `MoeLoraConfig.from_lora_config`.
@@ -64,24 +64,44 @@ def _check_coef(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a float >= 0 (0 disables the loss), got {value!r}.")
 
 
+def mola_group_sizes(num_layers: int, num_groups: int) -> list[int]:
+    """Sizes of the groups of consecutive layers that a MoLA list with `num_groups` entries covers.
+
+    The layers are split as evenly as possible: every group gets `num_layers // num_groups` layers, and the
+    `num_layers % num_groups` remaining layers go one each to the groups at the ends, alternately from the first and the
+    last group inwards (first, last, second, second to last, ...). 30 layers in 4 groups: `[8, 7, 7, 8]`; 7 layers in 3
+    groups: `[3, 2, 2]`. When the remainder is even the sizes are symmetric, so an allocation and its reverse
+    (`[2, 4, 6, 8]` and `[8, 6, 4, 2]`) have the same number of experts.
+    """
+    if not 1 <= num_groups <= num_layers:
+        raise ValueError(f"Cannot split {num_layers} layers into {num_groups} non-empty groups.")
+    base, extra = divmod(num_layers, num_groups)
+    sizes = [base] * num_groups
+    outside_in = [i // 2 if i % 2 == 0 else num_groups - 1 - i // 2 for i in range(num_groups)]
+    for group in outside_in[:extra]:
+        sizes[group] += 1
+    return sizes
+
+
 def expand_per_layer(name: str, value: int | list[int], num_layers: int) -> list[int]:
     """Expand an int or a MoLA-style list into one value per decoder layer.
 
-    A list with one entry per layer is used as is. A shorter list must divide the layer count and gives one value per
-    group of consecutive layers: `[2, 4, 6, 8]` on 32 layers means layers 0-7 get 2, layers 8-15 get 4, and so on.
+    A list with one entry per layer is used as is. A shorter list gives one value per group of consecutive layers,
+    split as evenly as possible by [`mola_group_sizes`]: `[2, 4, 6, 8]` on 32 layers means layers 0-7 get 2, layers
+    8-15 get 4, and so on; on 30 layers the groups have 8, 7, 7 and 8 layers.
     """
     if isinstance(value, int):
         return [value] * num_layers
     value = list(value)
     if len(value) == num_layers:
         return value
-    if len(value) > num_layers or num_layers % len(value) != 0:
+    if len(value) > num_layers:
         raise ValueError(
             f"`{name}` has {len(value)} entries, which does not fit a model with {num_layers} layers: give one entry "
-            f"per layer ({num_layers}) or one per group of consecutive layers, with a count that divides {num_layers}."
+            f"per layer ({num_layers}) or one per group of consecutive layers (at most {num_layers} groups)."
         )
-    group = num_layers // len(value)
-    return [v for v in value for _ in range(group)]
+    sizes = mola_group_sizes(num_layers, len(value))
+    return [v for v, size in zip(value, sizes) for _ in range(size)]
 
 
 @dataclass
@@ -95,7 +115,8 @@ class MoeLoraConfig(PeftConfig):
 
     - MoELoRA (arXiv 2402.12851): `num_experts=8, top_k=2, router_type="topk"`, load balancing and
       `contrastive_loss_coef > 0`.
-    - MoLA (arXiv 2402.08562): `num_experts=[2, 4, 6, 8]` (one count per layer or per group of layers).
+    - MoLA (arXiv 2402.08562): `num_experts=[2, 4, 6, 8]` (one count per layer or per group of consecutive layers,
+      the groups as even as possible).
     - MoLE (arXiv 2404.13628): `expert_adapters=[lora_dir_1, lora_dir_2, ...]`: trained LoRAs become frozen experts,
       a soft router with a learnable temperature is trained, optionally with `gate_balance_loss_coef`.
 
@@ -108,7 +129,8 @@ class MoeLoraConfig(PeftConfig):
             Dropout applied to the expert input, as in LoRA. The router always sees the input without dropout.
         target_modules (`Optional[Union[List[str], str]]`):
             Names of the modules to adapt (suffix match), a regex, or `"all-linear"`. `None` uses LoRA's defaults for
-            known architectures.
+            known architectures. With `expert_adapters`, `None` means the modules the LoRAs adapt; a value in any of
+            these forms must select exactly those modules (otherwise a `ValueError` lists the difference).
         exclude_modules (`Optional[Union[List[str], str]]`):
             Names or a regex of modules not to adapt.
         layers_to_transform (`Union[List[int], int]`):
@@ -128,9 +150,13 @@ class MoeLoraConfig(PeftConfig):
             Not supported by MOELORA; declared because peft and TRL read it. Must stay `None`.
         trainable_token_indices (`Optional[Union[List[int], dict[str, List[int]]]]`):
             Token indices of the embedding to train, as in LoRA.
-        num_experts (`Union[int, List[int]]`):
-            Experts per adapted layer. A list (MoLA) gives one count per decoder layer, or one per group of
-            consecutive layers when it is shorter and divides the layer count.
+        num_experts (`Optional[Union[int, List[int]]]`):
+            Experts per adapted layer. A list (MoLA) gives one count per decoder layer, or, when it is shorter, one
+            count per group of consecutive layers. The groups are as even as possible: each has `L // G` layers (L
+            layers, G entries) and the `L % G` remaining layers go one each to the groups at the ends, alternately
+            from the first and the last inwards (30 layers, `[2, 4, 6, 8]`: groups of 8, 7, 7 and 8 layers; see
+            [`~moe_peft_plugin.config.mola_group_sizes`]). `None` (unset) means 8, or one expert
+            per LoRA with `expert_adapters`; an explicit value must then equal the number of `expert_adapters`.
         top_k (`Union[int, List[int]]`):
             Experts used per token with `router_type="topk"`; an int or a list with the same rules as `num_experts`.
         router_type (`Optional[str]`):
@@ -206,8 +232,12 @@ class MoeLoraConfig(PeftConfig):
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None, metadata={"help": "Token indices of the embedding to train, as in LoRA."}
     )
-    num_experts: Union[int, list[int]] = field(
-        default=8, metadata={"help": "Experts per layer: an int, or a list per layer / per group of layers (MoLA)."}
+    num_experts: Optional[Union[int, list[int]]] = field(
+        default=None,
+        metadata={
+            "help": "Experts per layer: an int, or a list per layer / per group of layers (MoLA). None: 8, or one per "
+            "LoRA of expert_adapters."
+        },
     )
     top_k: Union[int, list[int]] = field(
         default=2, metadata={"help": "Experts per token for router_type='topk'; an int or a list like num_experts."}
@@ -248,6 +278,11 @@ class MoeLoraConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        self._normalize()
+        self._validate()
+
+    def _normalize(self) -> None:
+        """Bring the fields to their canonical types and resolve the `None` ("unset") defaults."""
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)):
@@ -269,9 +304,11 @@ class MoeLoraConfig(PeftConfig):
             self.learn_router_temperature = mole
         if self.freeze_experts is None:
             self.freeze_experts = mole
-        self._validate()
+        if self.num_experts is None:
+            self.num_experts = len(self.expert_adapters) if mole else DEFAULT_NUM_EXPERTS
 
     def _validate(self) -> None:
+        """Check the normalised fields; raise a `ValueError` naming the field and what is allowed."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"`r` must be a positive int, got {self.r!r}.")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
@@ -333,22 +370,18 @@ class MoeLoraConfig(PeftConfig):
                 raise ValueError(
                     "`num_experts` cannot be a per-layer list with `expert_adapters` (one expert per LoRA)."
                 )
-            if "num_experts" in self._explicit and self.num_experts != len(self.expert_adapters):
+            if self.num_experts != len(self.expert_adapters):
                 raise ValueError(
                     f"`num_experts` ({self.num_experts}) must equal the number of `expert_adapters` "
-                    f"({len(self.expert_adapters)}), or be left unset."
+                    f"({len(self.expert_adapters)}), or be left unset (None)."
                 )
-            self.num_experts = len(self.expert_adapters)
             if self.router_type == "topk" and isinstance(self.top_k, int) and self.top_k > self.num_experts:
                 raise ValueError(
                     f"`top_k` ({self.top_k}) must not be larger than the number of `expert_adapters` "
                     f"({self.num_experts})."
                 )
-            if self.target_modules is not None:
-                raise ValueError(
-                    "`target_modules` must be left unset with `expert_adapters`: the experts are placed in the modules "
-                    "that the LoRAs target."
-                )
+            # `target_modules` may be given, but must select the modules the LoRAs adapt: checked against the
+            # model, where the LoRAs are loaded (`MoeLoraModel._prepare_adapter_config`).
         elif self.gate_balance_loss_coef and self.router_type != "soft":
             raise ValueError("`gate_balance_loss_coef` (MoLE) requires `router_type='soft'`.")
         if self.expert_names is not None and len(self.expert_names) != self.num_experts:
@@ -362,11 +395,6 @@ class MoeLoraConfig(PeftConfig):
             # The experts were copied into the adapter: the saved checkpoint must not depend on the LoRA folders.
             config["expert_adapters"] = None
         return config
-
-    @property
-    def _explicit(self) -> set[str]:
-        # Fields the user set to a non-default value; only used to tell "left unset" from "set to the default".
-        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
 
     @classmethod
     def from_lora_config(cls, lora_config, **moe_fields) -> MoeLoraConfig:

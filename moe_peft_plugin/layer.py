@@ -200,6 +200,9 @@ class Linear(nn.Module, MoeLoraLayer):
         self.update_layer(adapter_name, config, num_experts=num_experts, top_k=top_k, experts=experts)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
@@ -290,6 +293,34 @@ class Linear(nn.Module, MoeLoraLayer):
             stats.weighted_loss = weighted_loss.detach() if weighted_loss is not None else stats.entropy.new_zeros(())
             context.records.append((self, adapter_name, stats))
         return result
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each sample through the adapter named for it (`"__base__"` or an adapter absent here: the base layer alone).
+
+        peft's mixed-adapter batches (`adapter_names=[...]`, set by `MoeLoraModel._enable_peft_forward_hooks`). Routing
+        is per token, so a sample gets exactly the output it gets alone with its adapter. No router losses or
+        statistics are recorded (no routing context).
+        """
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"`adapter_names` has {len(adapter_names)} entries but the batch has {x.shape[0]} samples: give one "
+                "adapter name per sample ('__base__' for none)."
+            )
+        previous_dtype = x.dtype
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for adapter_name in dict.fromkeys(adapter_names):  # unique, in order
+            if adapter_name not in self.moelora_A:
+                continue
+            rows = torch.tensor([i for i, name in enumerate(adapter_names) if name == adapter_name], device=x.device)
+            sub_result = self._add_adapter_output(result[rows], x[rows], adapter_name, None, False)
+            result = result.index_copy(0, rows, sub_result)
+        return result.to(previous_dtype)
 
     def train(self, mode: bool = True):
         self._inference_cache.clear()

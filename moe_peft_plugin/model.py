@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Union
 
 import torch
+from peft.tuners.lora.model import _adapter_names_pre_forward_hook, _get_encoder
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import (
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    AuxiliaryTrainingWrapper,
     get_quantization_kwargs,
     resolve_quantization_backend,
 )
@@ -20,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from .config import MoeLoraConfig, expand_per_layer
 from .layer import MERGE_ERROR_MESSAGE, Linear, MoeLoraLayer, MoeLoraMergeError
-from .mole import LoraExperts, load_lora_experts
+from .mole import LoraExperts, check_target_modules, load_lora_experts
 from .outputs import with_aux_loss_field
 from .registration import PREFIX
 from .state import ForwardContext, ReplayInContext, RoutingState, RoutingStats, build_aux_loss
@@ -58,6 +61,13 @@ def _device_of(outputs: Any, context: ForwardContext) -> torch.device:
         return context.records[0][2].weighted_loss.device
     values = outputs.values() if isinstance(outputs, dict) else [outputs]
     return next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
+def _without_aux_loss(module: nn.Module, args: tuple, outputs: Any) -> Any:
+    """Forward hook for mixed-adapter batches, which compute no router losses: `outputs.aux_loss` is None."""
+    if isinstance(outputs, dict) and "aux_loss" in outputs:
+        outputs["aux_loss"] = None
+    return outputs
 
 
 def _num_layers(model_config: dict) -> Optional[int]:
@@ -121,6 +131,8 @@ class MoeLoraModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: MoeLoraConfig, model_config: dict) -> MoeLoraConfig:
         if peft_config.expert_adapters:
             experts = load_lora_experts(self.model, peft_config.expert_adapters)
+            if peft_config.target_modules is not None:
+                check_target_modules(self.model, peft_config.target_modules, peft_config.task_type, experts)
             self._pending_experts[id(peft_config)] = experts
             # The experts keep their own LoRA scaling (folded into B), so the layer scaling must be 1.
             peft_config.r = experts.rank
@@ -382,6 +394,63 @@ class MoeLoraModel(BaseTuner):
             yield
         finally:
             self.set_expert_mask(None, adapter_name)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """Mixed-adapter batches: `model(**batch, adapter_names=[...])` and `model.generate(..., adapter_names=[...])`.
+
+        `PeftModel` enters this around `forward`/`generate`. As for LoRA, `adapter_names` has one adapter name per
+        sample (`"__base__"`: the base model alone), and every sample gets exactly the output it gets alone with its
+        adapter. It is for inference: refused in training mode, and no router losses or routing statistics are
+        computed for a mixed batch (`outputs.aux_loss` is None, `get_routing_stats()` is empty), because a router loss
+        over samples of different adapters has no meaning for any one of them. To get them, run each adapter's samples
+        as a batch of their own with `set_adapter`.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError(
+                "`adapter_names` (mixed-adapter batches) cannot be used in training mode: it is for inference, call "
+                "`model.eval()` first; to train several adapters, train each with `set_adapter`."
+            )
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise ValueError(
+                f"`adapter_names` must be a list with one adapter name per sample, got {adapter_names!r}."
+            )
+        # Checked here, not per layer: an adapter need not target every layer, but a typo must not pass silently.
+        known = {name for m in self.model.modules() if isinstance(m, MoeLoraLayer) for name in m.moelora_A}
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
+        if unknown:
+            raise ValueError(
+                f"`adapter_names` names unknown adapter(s) {unknown}; the adapters are {sorted(known)}, and "
+                "'__base__' means no adapter."
+            )
+        original_names = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # `generate` repeats each sample `num_beams` times (consecutively).
+            adapter_names = [name for name in original_names for _ in range(num_beams)]
+        handles = []
+        for module in self.model.modules():
+            if isinstance(module, (MoeLoraLayer, AuxiliaryTrainingWrapper)):
+                hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        encoder = _get_encoder(self.model)
+        if encoder is not None and len(adapter_names) != len(original_names):
+            # The encoder of an encoder-decoder model sees the samples before the beams are expanded.
+            for module in encoder.modules():
+                if isinstance(module, (MoeLoraLayer, AuxiliaryTrainingWrapper)):
+                    hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=original_names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        # Runs after the routing hooks: the layers recorded nothing, so there is no router loss to report.
+        handles.append(self.model.register_forward_hook(_without_aux_loss))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _check_merge_allowed(self):
         raise MoeLoraMergeError(MERGE_ERROR_MESSAGE)

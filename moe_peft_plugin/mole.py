@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Union
 
 import torch
 from peft import LoraConfig, PeftConfig
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 from peft.utils import load_peft_weights
 from peft.utils.other import get_pattern_key
 from torch import nn
@@ -142,3 +145,51 @@ def load_lora_experts(model: nn.Module, paths: list[str]) -> LoraExperts:
         stacked[module] = (torch.stack(stack_A), torch.stack(stack_B))
     names = [os.path.basename(os.path.normpath(path)) for path, _, _ in loaded]
     return LoraExperts(names=names, rank=rank, weights=stacked)
+
+
+def _describe(modules: set[str]) -> str:
+    """`"4 (k_proj, o_proj)"`: how many modules, and their distinct names without the layer path."""
+    return f"{len(modules)} ({', '.join(sorted({name.rsplit('.', 1)[-1] for name in modules}))})"
+
+
+def check_target_modules(
+    model: nn.Module,
+    target_modules: Union[str, list[str], set[str]],
+    task_type: Union[str, None],
+    experts: LoraExperts,
+) -> None:
+    """Check that `target_modules` (any form peft accepts) selects exactly the modules that the LoRA experts adapt.
+
+    Only `target_modules` is compared; `exclude_modules` and `layers_to_transform` still restrict the placement, as
+    they do when `target_modules` is unset.
+
+    Raises:
+        ValueError: listing the modules selected by only one of the two.
+    """
+    # The matching of peft itself (suffixes, regex, "all-linear"), without the fields that only restrict it.
+    probe = SimpleNamespace(
+        target_modules=target_modules,
+        task_type=task_type,
+        exclude_modules=None,
+        modules_to_save=None,
+        target_parameters=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
+    probe = _maybe_include_all_linear_layers(probe, model)
+    selected = {name for name, _ in model.named_modules() if name and check_target_module_exists(probe, name)}
+    adapted = set(experts.weights)
+    if selected == adapted:
+        return
+    shown = sorted(target_modules) if isinstance(target_modules, set) else target_modules
+    differences = []
+    if adapted - selected:
+        differences.append(
+            f"adapted by the LoRAs but not selected by `target_modules`: {_describe(adapted - selected)}"
+        )
+    if selected - adapted:
+        differences.append(f"selected but not adapted by the LoRAs: {_describe(selected - adapted)}")
+    raise ValueError(
+        f"`target_modules`={shown!r} must select exactly the modules that the `expert_adapters` LoRAs adapt, or be "
+        f"left unset; modules {'; '.join(differences)}."
+    )

@@ -5,12 +5,13 @@ import subprocess
 import sys
 
 import pytest
-from peft import LoraConfig, PeftConfig, get_peft_config, get_peft_model
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import moe_peft_plugin
 from moe_peft_plugin import MoeLoraConfig, MoeLoraModel
-from moe_peft_plugin.config import expand_per_layer
+from moe_peft_plugin.config import expand_per_layer, mola_group_sizes
 
 from .helpers import build_tiny_llama
 
@@ -50,9 +51,9 @@ BAD_CONFIGS = [
     ({"expert_adapters": []}, "expert_adapters"),
     ({"expert_adapters": ["a", "a"]}, "expert_adapters"),
     ({"expert_adapters": ["a", "b"], "num_experts": 3}, "num_experts"),
+    ({"expert_adapters": ["a", "b", "c"], "num_experts": 8}, "num_experts"),  # 8 is the default: still explicit
     ({"expert_adapters": ["a", "b"], "num_experts": [1, 2]}, "num_experts"),
     ({"expert_adapters": ["a", "b"], "top_k": 3, "router_type": "topk"}, "top_k"),
-    ({"expert_adapters": ["a", "b"], "target_modules": ["q_proj"]}, "target_modules"),
     ({"num_experts": 2, "expert_names": ["a", "b", "c"]}, "expert_names"),
     ({"task_type": "NOT_A_TASK"}, "task type"),
 ]
@@ -67,7 +68,6 @@ def test_bad_config_raises_value_error_naming_the_field(kwargs, field):
 
 # Bad inputs that only show against a model: (config kwargs, expected message fragment)
 BAD_FOR_MODEL = [
-    ({"num_experts": [2, 4, 8], "target_modules": ["q_proj"]}, "num_experts"),  # 3 entries do not divide 4 layers
     ({"num_experts": [2, 4, 6, 8, 8], "target_modules": ["q_proj"]}, "num_experts"),
     ({"num_experts": [2, 4], "top_k": [2, 2, 2, 2, 2, 2, 2, 2, 2, 2], "target_modules": ["q_proj"]}, "top_k"),
     ({"num_experts": [1, 2], "top_k": 2, "target_modules": ["q_proj"]}, "top_k"),
@@ -107,6 +107,38 @@ def test_get_peft_config_and_roundtrip(tmp_path):
         get_peft_config({"peft_type": "MOELORA", "not_a_field": 1})
 
 
+def test_num_experts_unset_is_not_the_default_value():
+    assert MoeLoraConfig().num_experts == 8
+    assert MoeLoraConfig(num_experts=None).num_experts == 8
+    assert MoeLoraConfig(expert_adapters=["a", "b", "c"]).num_experts == 3
+    assert MoeLoraConfig(expert_adapters=["a", "b", "c"], num_experts=3).num_experts == 3
+    with pytest.raises(ValueError, match=r"`num_experts` \(8\) must equal the number of `expert_adapters` \(3\)"):
+        MoeLoraConfig(expert_adapters=["a", "b", "c"], num_experts=8)
+    assert MoeLoraConfig.from_lora_config(LoraConfig(target_modules=["q_proj"])).num_experts == 8
+    # A saved config always records the resolved count, and reads back to the same config.
+    for config in (MoeLoraConfig(target_modules=["q_proj"]), MoeLoraConfig(expert_adapters=["a", "b", "c"])):
+        saved = json.loads(json.dumps(config.to_dict(), default=sorted))
+        assert saved["num_experts"] == config.num_experts
+        assert get_peft_config(saved).to_dict() == config.to_dict()
+
+
+def test_saved_adapters_round_trip(tmp_path):
+    """Plain MOELORA adapters load back with the expert count they were saved with (also the default one)."""
+    for name, kwargs in {"default": {}, "four": {"num_experts": 4}, "mola": {"num_experts": [2, 4]}}.items():
+        model, tokenizer = build_tiny_llama()
+        config = MoeLoraConfig(target_modules=["q_proj"], top_k=1, init_weights=False, **kwargs)
+        model = get_peft_model(model, config).eval()
+        inputs = tokenizer(["the cat sat on the mat"], return_tensors="pt")
+        expected = model(**inputs).logits
+        model.save_pretrained(tmp_path / name)
+        saved = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        assert saved["num_experts"] == config.num_experts
+        assert get_peft_config(saved).num_experts == config.num_experts
+        loaded = PeftModel.from_pretrained(build_tiny_llama()[0], tmp_path / name).eval()
+        assert loaded.peft_config["default"].num_experts == config.num_experts
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=0)
+
+
 def test_from_lora_config_copies_lora_fields():
     lora = LoraConfig(
         r=16,
@@ -136,9 +168,49 @@ def test_mola_expansion():
     assert expand_per_layer("num_experts", 3, 4) == [3, 3, 3, 3]
     assert expand_per_layer("num_experts", [2, 4, 6, 8], 32)[::8] == [2, 4, 6, 8]
     assert expand_per_layer("num_experts", [2, 4, 6, 8], 32)[7:9] == [2, 4]
-    assert expand_per_layer("num_experts", [1, 2, 3], 3) == [1, 2, 3]
-    with pytest.raises(ValueError, match="num_experts"):
-        expand_per_layer("num_experts", [2, 4, 6], 32)
+    assert expand_per_layer("num_experts", [1, 2, 3], 3) == [1, 2, 3]  # one entry per layer
+    with pytest.raises(ValueError, match="`num_experts` has 5 entries.*4 layers"):
+        expand_per_layer("num_experts", [1, 2, 3, 4, 5], 4)
+
+
+# (layers, groups, group sizes): as even as possible, the larger groups first at the ends (first, last, second, ...)
+MOLA_GROUPS = [
+    (32, 4, [8, 8, 8, 8]),
+    (30, 4, [8, 7, 7, 8]),  # SmolLM2-135M: the split of the MoLA study (docs/science)
+    (7, 3, [3, 2, 2]),
+    (31, 4, [8, 8, 7, 8]),
+    (29, 4, [8, 7, 7, 7]),
+    (10, 3, [4, 3, 3]),
+    (11, 3, [4, 3, 4]),
+    (5, 4, [2, 1, 1, 1]),
+    (22, 5, [5, 4, 4, 4, 5]),
+    (4, 4, [1, 1, 1, 1]),
+]
+
+
+@pytest.mark.parametrize("num_layers,num_groups,sizes", MOLA_GROUPS)
+def test_mola_groups_are_as_even_as_possible(num_layers, num_groups, sizes):
+    assert mola_group_sizes(num_layers, num_groups) == sizes
+    per_layer = expand_per_layer("num_experts", list(range(1, num_groups + 1)), num_layers)
+    assert per_layer == [g + 1 for g, size in enumerate(sizes) for _ in range(size)]
+    # With an even remainder the sizes are symmetric: an allocation and its reverse have the same number of experts.
+    if (num_layers % num_groups) % 2 == 0:
+        assert sizes == sizes[::-1]
+
+
+@pytest.mark.parametrize("num_layers,num_groups", [(7, 3), (30, 4)])
+def test_mola_groups_reach_the_model_layers(num_layers, num_groups):
+    model, _ = build_tiny_llama(num_layers=num_layers)
+    counts = [2 * (g + 1) for g in range(num_groups)]  # [2, 4, 6(, 8)]
+    config = MoeLoraConfig(num_experts=counts, top_k=[1] * num_groups, target_modules=["q_proj", "down_proj"])
+    model = get_peft_model(model, config)
+    expected = [c for c, size in zip(counts, mola_group_sizes(num_layers, num_groups)) for _ in range(size)]
+    for module in ("self_attn.q_proj", "mlp.down_proj"):
+        got = [
+            model.get_submodule(f"base_model.model.model.layers.{i}.{module}").num_experts["default"]
+            for i in range(num_layers)
+        ]
+        assert got == expected
 
 
 def test_loading_without_the_plugin_fails_and_with_it_works(tiny_model_dir, tmp_path):

@@ -116,6 +116,50 @@ def test_only_the_gates_train_with_the_balance_loss(lora_dirs):
     assert all(not torch.equal(p, gates[n]) for n, p in model.named_parameters() if n in gates)
 
 
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ["q_proj", "v_proj"],
+        ("v_proj", "q_proj"),
+        {"q_proj", "v_proj"},
+        r".*\.(q_proj|v_proj)",
+        [f"model.layers.{i}.self_attn.{m}" for i in range(4) for m in ("q_proj", "v_proj")],
+    ],
+    ids=["list", "tuple", "set", "regex", "full-names"],
+)
+def test_target_modules_that_match_the_loras_are_accepted(lora_dirs, targets):
+    model, tokenizer = _mole(lora_dirs)
+    expected = model.eval()(**batch(tokenizer)).logits
+    same, _ = _mole(lora_dirs, target_modules=targets)
+    assert set(same.peft_config["default"].target_modules) == set(model.peft_config["default"].target_modules)
+    torch.testing.assert_close(same.eval()(**batch(tokenizer)).logits, expected, rtol=0, atol=0)
+
+
+def test_target_modules_all_linear_matches_all_linear_loras(tmp_path):
+    dirs = [_save_lora(tmp_path / name, 4, 8, "all-linear", seed) for seed, name in enumerate(["a", "b"])]
+    model, _ = _mole(dirs, target_modules="all-linear")
+    assert sum(hasattr(m, "moelora_A") for m in model.modules()) == 4 * 7  # every linear layer but lm_head
+
+
+@pytest.mark.parametrize(
+    "targets,fragments",
+    [
+        (["q_proj"], ["not selected by `target_modules`: 4 (v_proj)"]),
+        (["q_proj", "v_proj", "k_proj"], ["selected but not adapted by the LoRAs: 4 (k_proj)"]),
+        ("all-linear", ["selected but not adapted by the LoRAs: 20 (down_proj, gate_proj, k_proj, o_proj, up_proj)"]),
+        (["k_proj"], ["8 (q_proj, v_proj)", "4 (k_proj)"]),
+    ],
+)
+def test_target_modules_that_differ_from_the_loras_are_refused(lora_dirs, targets, fragments):
+    base, _ = build_tiny_llama()
+    before = [n for n, _ in base.named_modules()]
+    with pytest.raises(ValueError, match="`target_modules`") as info:
+        get_peft_model(base, MoeLoraConfig(expert_adapters=lora_dirs, target_modules=targets))
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    assert [n for n, _ in base.named_modules()] == before
+
+
 def test_bad_expert_adapters(lora_dirs, tmp_path):
     other_shape = _save_lora(tmp_path / "wide", 4, 8, ["q_proj", "v_proj"], 0, hidden_size=128)
     other_targets = _save_lora(tmp_path / "mlp", 4, 8, ["up_proj"], 0)

@@ -41,6 +41,17 @@ def test_mola_allocations_have_equal_totals_and_follow_the_layer_order(science):
     assert counts[0] == 2 and counts[-1] == 8 and counts == sorted(counts)
 
 
+def test_mola_groups_are_the_library_rule_and_the_documented_ones(science):
+    """The study's layer groups come from the library's rule, and are the groups the results page describes."""
+    from moe_peft_plugin.config import mola_group_sizes
+
+    assert science.mola_group_sizes() == mola_group_sizes(30, 4) == [8, 7, 7, 8]
+    results = (Path(__file__).resolve().parents[1] / "docs" / "science" / "RESULTS.md").read_text()
+    assert "Groups of 8-7-7-8 consecutive layers" in results
+    counts = science.mola_list((2, 4, 6, 8))
+    assert counts == [2] * 8 + [4] * 7 + [6] * 7 + [8] * 8
+
+
 def test_plan_runs_inputs_first_and_seeds_every_trained_comparison(science):
     runs = science.plan(["moelora", "mola", "mole"], seeds=[0, 1, 2], max_steps=5, eval_size=10)
     seen = set()

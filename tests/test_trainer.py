@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -327,6 +328,38 @@ def test_heatmap_is_written_at_each_save_and_at_the_end(tmp_path):
     assert heatmap.loads.shape == (28, 4)
     first_layer = [i for i, name in enumerate(heatmap.layer_names) if ".layers.0." in name]
     assert np.isnan(heatmap.loads[first_layer, 2:]).all() and not np.isnan(heatmap.loads[first_layer, :2]).any()
+
+
+def _hide_matplotlib(monkeypatch):
+    """Make `import matplotlib` (and its submodules) fail, as in `pip install moe-peft-plugin trl`."""
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_default_heatmap_without_matplotlib_warns_once_and_trains(tmp_path, monkeypatch, caplog):
+    _hide_matplotlib(monkeypatch)
+    args = {**{k: v for k, v in ARGS.items() if k != "router_load_heatmap"}, "save_strategy": "steps", "save_steps": 1}
+    model, tokenizer = build_tiny_llama(seed=0)
+    with caplog.at_level(logging.WARNING, logger="trainer_callbacks"):
+        trainer = MoeLoraSFTTrainer(
+            model=model,
+            args=MoeLoraSFTConfig(output_dir=str(tmp_path), max_steps=2, **args),  # default heatmap setting
+            train_dataset=_dataset(),
+            processing_class=tokenizer,
+            peft_config=MoeLoraConfig(**MOE),
+        )
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
+    assert len(warnings) == 1 and "pip install matplotlib" in warnings[0], warnings
+    assert not any(isinstance(c, RouterLoadHeatmapCallback) for c in trainer.callback_handler.callbacks)
+    assert not list(tmp_path.rglob(HEATMAP_FILENAME))
+    assert trainer.state.log_history[0]["router/aux_loss"] > 0  # the routing statistics are still logged
+
+    # Asked for explicitly, the heatmap needs matplotlib: a clear error at construction, not a silent skip.
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        _trainer(tmp_path / "explicit", moe=MOE, router_load_heatmap=True)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        RouterLoadHeatmapCallback()
 
 
 def test_collapse_warning(tmp_path, caplog):

@@ -159,6 +159,10 @@ class RouterLoadHeatmapCallback(MoeLoraTrainerCallback):
 
     Args:
         filename (`str`, *optional*, defaults to `"router_load_heatmap.png"`): name of the PNG file.
+
+    Raises:
+        ImportError: if matplotlib is not installed (`pip install matplotlib`). The trainer's default
+            (`router_load_heatmap=None`) does not create this callback then; it warns once instead.
     """
 
     def __init__(self, filename: str = HEATMAP_FILENAME) -> None:
@@ -183,6 +187,15 @@ class RouterLoadHeatmapCallback(MoeLoraTrainerCallback):
         path = os.path.join(folder, self.filename)
         save_load_heatmap(heatmap, path, title=f"Expert load (share of routing decisions), step {state.global_step}")
         self.written.append(path)
+
+
+def matplotlib_available() -> bool:
+    """Whether the expert-load heatmap can be drawn (matplotlib is importable)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _require_matplotlib() -> None:

@@ -53,9 +53,11 @@ class MoeLoraSFTConfig(SFTConfig):
             An expert is dead in a logging window when it receives less than this fraction of the tokens of its layer.
         router_collapse_patience (`int`, *optional*, defaults to `3`):
             Warn when an expert stays dead for this many consecutive logging windows. 0 disables the warning.
-        router_load_heatmap (`bool`, *optional*, defaults to `True`):
+        router_load_heatmap (`bool`, *optional*):
             Write a PNG heatmap of the expert load (layers x experts) into each checkpoint and into `output_dir` at the
-            end of training (needs matplotlib).
+            end of training. It needs matplotlib (`pip install matplotlib`, part of `moe-peft-plugin[trl]`). `None`
+            (the default): write it when matplotlib is installed, otherwise skip it with one warning. `True`: the
+            trainer raises `ImportError` at construction without matplotlib. `False`: no heatmap.
     """
 
     moelora_aux_loss_coef: Optional[float] = field(
@@ -93,9 +95,12 @@ class MoeLoraSFTConfig(SFTConfig):
         default=3,
         metadata={"help": "Warn when an expert stays dead for this many logging windows (0 disables)."},
     )
-    router_load_heatmap: bool = field(
-        default=True,
-        metadata={"help": "Write an expert-load heatmap PNG at each save and at the end of training."},
+    router_load_heatmap: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Write an expert-load heatmap PNG at each save and at the end of training (needs matplotlib). "
+            "None: only when matplotlib is installed (otherwise one warning); True: require it; False: off."
+        },
     )
 
     def __post_init__(self):
@@ -128,6 +133,11 @@ class MoeLoraSFTConfig(SFTConfig):
         patience = self.router_collapse_patience
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"`router_collapse_patience` must be an int >= 0 (0 disables), got {patience!r}.")
+        if self.router_load_heatmap not in (None, True, False):
+            raise ValueError(
+                "`router_load_heatmap` must be None (when matplotlib is installed), True or False, got "
+                f"{self.router_load_heatmap!r}."
+            )
         super().__post_init__()
 
     @property

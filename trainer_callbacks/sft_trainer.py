@@ -21,6 +21,7 @@ from .callbacks import (
     RouterLoadHeatmapCallback,
     RouterLossWarmupCallback,
     RoutingCollapseCallback,
+    matplotlib_available,
 )
 from .coefficients import RouterLossCoefficients
 from .config import COEFFICIENT_FIELDS, MoeLoraSFTConfig
@@ -111,8 +112,9 @@ class MoeLoraSFTTrainer(SFTTrainer):
       (`eval_` prefix): `router/aux_loss`, each unweighted component averaged over layers (`router/load_balancing`,
       `router/router_z`, `router/contrastive`, `router/gate_balance`), `router/entropy`, `router/dead_experts`,
       `router/max_load_imbalance`, and with `router_stats_logging="full"` `router/load/<layer>/<expert>`.
-    - **Callbacks**: [`RouterLoadHeatmapCallback`] (PNG per checkpoint and at the end) and [`RoutingCollapseCallback`]
-      (warns when experts stop receiving tokens).
+    - **Callbacks**: [`RouterLoadHeatmapCallback`] (PNG per checkpoint and at the end; by default only when matplotlib
+      is installed, see `router_load_heatmap`) and [`RoutingCollapseCallback`] (warns when experts stop receiving
+      tokens).
 
     Example:
 
@@ -234,8 +236,17 @@ class MoeLoraSFTTrainer(SFTTrainer):
             patience = _option(args, "router_collapse_patience")
             if patience and not self._has_callback(RoutingCollapseCallback):
                 self.add_callback(RoutingCollapseCallback(patience))
-            if _option(args, "router_load_heatmap") and not self._has_callback(RouterLoadHeatmapCallback):
-                self.add_callback(RouterLoadHeatmapCallback())
+            heatmap = _option(args, "router_load_heatmap")  # None: only if matplotlib is installed
+            if heatmap is not False and not self._has_callback(RouterLoadHeatmapCallback):
+                if heatmap is None and not matplotlib_available():
+                    # A default must not break training: skip the picture, say once how to get it.
+                    logger.warning(
+                        "The expert-load heatmap (`router_load_heatmap`) is skipped because matplotlib is not "
+                        "installed: `pip install matplotlib` (or `pip install moe-peft-plugin[trl]`) to get it, or set "
+                        "`router_load_heatmap=False` to silence this warning."
+                    )
+                else:
+                    self.add_callback(RouterLoadHeatmapCallback())  # raises ImportError if asked for without it
         elif self._has_callback(RoutingCollapseCallback) or self._has_callback(RouterLoadHeatmapCallback):
             logger.warning(
                 "`router_stats_logging='none'` collects no routing statistics: the collapse and heatmap callbacks "
