@@ -17,10 +17,12 @@ from peft.utils import (
 )
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import ModelOutput
 
 from .config import MoeLoraConfig, expand_per_layer
 from .layer import MERGE_ERROR_MESSAGE, Linear, MoeLoraLayer, MoeLoraMergeError
 from .mole import LoraExperts, load_lora_experts
+from .outputs import with_aux_loss_field
 from .registration import PREFIX
 from .state import ForwardContext, RoutingState, build_aux_loss
 
@@ -262,7 +264,10 @@ class MoeLoraModel(BaseTuner):
         aux_loss = build_aux_loss(context, _device_of(outputs, context))
         if outputs.get("aux_loss") is not None:
             aux_loss = outputs["aux_loss"] + aux_loss
-        outputs["aux_loss"] = aux_loss
+        if isinstance(outputs, ModelOutput):
+            outputs = with_aux_loss_field(outputs, aux_loss)
+        else:
+            outputs["aux_loss"] = aux_loss
         if outputs.get("loss") is not None:
             outputs["loss"] = outputs["loss"] + aux_loss.to(outputs["loss"].dtype)
         return outputs

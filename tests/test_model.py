@@ -2,6 +2,7 @@
 
 import copy
 import os
+import pickle
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moe_peft_plugin import MoeLoraConfig, MoeLoraMergeError, losses
 
@@ -112,6 +114,24 @@ def test_disable_unload_and_merge(name, kwargs):
     unloaded = model.unload()
     assert not any("moelora" in name for name, _ in unloaded.named_parameters())
     torch.testing.assert_close(unloaded(**inputs).logits, base_logits, rtol=0, atol=0)
+
+
+def test_outputs_survive_flatten_and_rebuild():
+    """DDP (find_unused_parameters) and FSDP rebuild the output from its fields: `aux_loss` must be one of them."""
+    model, tokenizer = _peft_model(MODEL_CASES[0][1])
+    model.train()
+    inputs = batch(tokenizer)
+    out = model(**inputs, labels=inputs["input_ids"])
+    leaves, spec = torch.utils._pytree.tree_flatten(out)
+    rebuilt = torch.utils._pytree.tree_unflatten(leaves, spec)
+    assert type(rebuilt) is type(out) and isinstance(out, CausalLMOutputWithPast)
+    assert rebuilt.aux_loss is out.aux_loss and rebuilt.loss is out.loss
+    assert out.to_tuple()[:2] == (out.loss, out.logits) and out.to_tuple()[-1] is out.aux_loss
+    restored = pickle.loads(
+        pickle.dumps(out.__class__(**{k: v.detach() for k, v in out.items() if torch.is_tensor(v)}))
+    )
+    torch.testing.assert_close(restored.aux_loss, out.aux_loss.detach())
+    assert isinstance(restored, CausalLMOutputWithPast) and "aux_loss" in restored.keys()
 
 
 @pytest.mark.parametrize("name,kwargs", MODEL_CASES, ids=IDS)
