@@ -19,10 +19,14 @@ python examples/sft_moelora.py --config configs/recipes/mola.yaml --num_experts 
 accelerate launch --config_file configs/accelerate/zero3.yaml examples/sft_moelora.py --config configs/recipes/moelora.yaml
 torchrun --nproc_per_node 8 examples/sft_moelora.py --deepspeed configs/deepspeed/zero3.json ...
 deepspeed --num_gpus 8 examples/sft_moelora.py --deepspeed configs/deepspeed/zero3.json ...
+
+# DDP (on CPU add --use_cpu true), FSDP2 (GPUs only)
+torchrun --nproc_per_node 8 examples/sft_moelora.py --config configs/recipes/moelora.yaml ...
+accelerate launch --config_file configs/accelerate/fsdp2.yaml examples/sft_moelora.py --gradient_checkpointing false ...
 ```
 
 `--dataset_name` takes what TRL's script takes: a hub dataset id, or a local folder (e.g. of `train.jsonl` and
-`test.jsonl`). Without CUDA, DeepSpeed runs over gloo (the script sets that up itself).
+`test.jsonl`). Without CUDA, DeepSpeed runs over gloo (the script sets that up itself). See docs/distributed.md.
 
 To load the trained adapter elsewhere, `import moe_peft_plugin` first: it registers MOELORA with peft.
 

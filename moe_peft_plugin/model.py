@@ -461,6 +461,7 @@ class MoeLoraModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        to_return = _complete_wrapped_selection(model, adapter_name, state_dict, to_return)
         bad = []
         for key, tensor in to_return.items():
             for name, dims in _ADAPTER_TENSOR_DIMS.items():
@@ -475,3 +476,65 @@ class MoeLoraModel(BaseTuner):
                 "(`trainer.save_model`), or wrap the call in `deepspeed.zero.GatheredParameters(model.parameters())`."
             )
         return to_return
+
+
+# Wrappers that add a segment to the module names (`named_modules`) but remove it from the state dict keys: FSDP1
+# (`FullyShardedDataParallel`) and activation checkpointing (`checkpoint_wrapper`, e.g. accelerate's FSDP
+# `activation_checkpointing`).
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _state_dict_name(module_name: str) -> str:
+    for segment in _WRAPPER_SEGMENTS:
+        module_name = module_name.replace(segment, "")
+    return module_name
+
+
+def _complete_wrapped_selection(model, adapter_name, state_dict, selected):
+    """The adapter tensors of `state_dict`, also where wrappers nested inside the model renamed its modules.
+
+    peft finds the adapter tensors by the module names of the model, and strips only a *leading*
+    `_fsdp_wrapped_module.`: with FSDP1 wrapping each decoder layer (accelerate's `TRANSFORMER_BASED_WRAP`) or with
+    activation-checkpoint wrappers, no key matches and peft would save an adapter with no tensors, without an error.
+    The same selection is made here with the wrapper segments removed. If MOELORA layers of the adapter still have no
+    tensor in the state dict, saving is refused.
+    """
+    from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+
+    if not state_dict:
+        # Nothing to select from: the non-main ranks of a rank-0-only full state dict (e.g. FSDP's
+        # `get_model_state_dict(..., full_state_dict=True, cpu_offload=True)`), which write nothing.
+        return selected
+    layers = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, MoeLoraLayer) and adapter_name in module.moelora_A
+    ]
+
+    def missing_layers() -> list[str]:
+        return [
+            _state_dict_name(name)
+            for name in layers
+            if not any(f"{n}.moelora_A.{adapter_name}" in selected for n in (name, _state_dict_name(name)))
+        ]
+
+    missing = missing_layers()
+    if not missing:
+        return selected
+    if any(segment in name for name, _ in model.named_modules() for segment in _WRAPPER_SEGMENTS):
+        prefixes = {_state_dict_name(prefix) for prefix in _get_tuner_state_dict_key_prefixes(model)}
+        selected = {**_filter_state_dict_by_key_prefixes(state_dict, prefixes), **selected}
+        missing = missing_layers()
+    if missing:
+        what = "no tensor at all" if len(missing) == len(layers) else f"no tensors for {len(missing)} of them"
+        raise ValueError(
+            f"Refusing to save MOELORA adapter {adapter_name!r}: the model has {len(layers)} MOELORA layer(s) with "
+            f"this adapter, but the state dict being saved holds {what} (e.g. {missing[0]}.moelora_A.{adapter_name}; "
+            f"the state dict has {len(state_dict)} entries, e.g. {next(iter(state_dict))!r}). The saved adapter "
+            "would be unusable. The keys of the state dict must be the model's parameter names: under FSDP, save a "
+            "full state dict (FSDP2: `torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True, cpu_offload=True))`, then "
+            "`model.save_pretrained(output_dir, state_dict=full_state_dict)` on rank 0; with the Trainer, "
+            "`trainer.save_model()` and `fsdp_state_dict_type: FULL_STATE_DICT`), and pass it as `state_dict=`."
+        )
+    return selected

@@ -1,4 +1,4 @@
-"""DeepSpeed without CUDA: the setup that makes `--deepspeed` work on CPU machines (over gloo)."""
+"""DeepSpeed without CUDA (the setup that makes `--deepspeed` work on CPU machines, over gloo), and a clean exit."""
 
 from __future__ import annotations
 
@@ -99,3 +99,21 @@ def _as_dict(value) -> dict:
         with open(value, encoding="utf-8") as handle:
             return json.load(handle)
     return json.loads(value)
+
+
+def finish_distributed(trainer=None) -> None:
+    """End a distributed run cleanly: wait for every process, then destroy the process group (a no-op without one).
+
+    Call it once, at the very end, after everything that communicates between processes (training, evaluation,
+    `save_model`, `push_to_hub`). With a `trainer` (transformers >= 5.18), `trainer.end()` also finishes the
+    experiment trackers. Without the barrier and the destruction, gloo processes sometimes abort at exit with
+    "terminate called without an active exception" (SIGABRT) after a successful run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if trainer is not None and hasattr(trainer, "end"):
+        trainer.end()  # finishes the trackers and destroys the process group
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -21,10 +21,14 @@ python examples/sft_moelora.py --config configs/recipes/mola.yaml --num_experts 
 accelerate launch --config_file configs/accelerate/zero3.yaml examples/sft_moelora.py --config configs/recipes/moelora.yaml
 torchrun --nproc_per_node 8 examples/sft_moelora.py --deepspeed configs/deepspeed/zero3.json ...
 deepspeed --num_gpus 8 examples/sft_moelora.py --deepspeed configs/deepspeed/zero3.json ...
+
+# DDP (on CPU add --use_cpu true), FSDP2 (GPUs only)
+torchrun --nproc_per_node 8 examples/sft_moelora.py --config configs/recipes/moelora.yaml ...
+accelerate launch --config_file configs/accelerate/fsdp2.yaml examples/sft_moelora.py --gradient_checkpointing false ...
 ```
 
 `--dataset_name` takes what TRL's script takes: a hub dataset id, or a local folder (e.g. of `train.jsonl` and
-`test.jsonl`). Without CUDA, DeepSpeed runs over gloo (the script sets that up itself).
+`test.jsonl`). Without CUDA, DeepSpeed runs over gloo (the script sets that up itself). See docs/distributed.md.
 
 To load the trained adapter elsewhere, `import moe_peft_plugin` first: it registers MOELORA with peft.
 """
@@ -44,6 +48,7 @@ from trainer_callbacks import (
     setup_deepspeed_without_cuda,
     with_configured_state,
 )
+from trainer_callbacks.distributed import finish_distributed
 
 
 @dataclass
@@ -156,9 +161,7 @@ def _zero_stage(training_args) -> Optional[int]:
 
 def main(script_args, training_args, model_args, dataset_args, moe_args, callbacks=None) -> MoeLoraSFTTrainer:
     """Train, save the adapter to `output_dir`, and return the trainer. `callbacks` are added to the trainer."""
-    import transformers
     from datasets import load_dataset
-    from packaging.version import Version
     from trl import get_dataset
 
     if training_args.use_cpu and (training_args.deepspeed or getattr(training_args, "deepspeed_plugin", None)):
@@ -217,8 +220,7 @@ def main(script_args, training_args, model_args, dataset_args, moe_args, callbac
     trainer.accelerator.print(f"MOELORA adapter saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    if Version(transformers.__version__) >= Version("5.18.0"):
-        trainer.end()
+    finish_distributed(trainer)  # waits for every process, then ends the process group (gloo aborts at exit otherwise)
     return trainer
 
 
