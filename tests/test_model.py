@@ -419,7 +419,10 @@ def test_router_loss_coefficients_are_set_through_the_model():
 def test_routing_stats_of_one_forward_combine_and_sample_loads():
     model, tokenizer = _peft_model({"num_experts": 4, "top_k": 2, "target_modules": ["q_proj", "down_proj"]})
     model.eval()
-    texts = ["the cat sat on the mat and looked at the dog", "a mixture of experts routes every token to a few experts"]
+    texts = [
+        "the cat sat on the mat and looked at the dog",
+        "a mixture of experts routes every token to a few experts",
+    ]
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     assert bool(enc["attention_mask"].all())  # same length: the batch is exactly the two samples side by side
     model.base_model.record_sample_routing(True)
