@@ -579,3 +579,15 @@ def test_plain_sft_trainer_warns_that_router_losses_are_dropped(tmp_path):
     with pytest.warns(UserWarning, match="MoeLoraSFTTrainer") as record:
         trainer.train()
     assert sum("outputs.aux_loss" in str(w.message) for w in record) == 1
+
+
+@pytest.mark.parametrize(
+    "argv,expected", [([], None), (["--router_load_heatmap"], True), (["--router_load_heatmap", "false"], False)]
+)
+def test_router_load_heatmap_flag_parses_like_other_booleans(tmp_path, argv, expected):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(MoeLoraSFTConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--bf16", "false", *argv]
+    )
+    assert args.router_load_heatmap is expected

@@ -99,7 +99,10 @@ class MoeLoraSFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Write an expert-load heatmap PNG at each save and at the end of training (needs matplotlib). "
-            "None: only when matplotlib is installed (otherwise one warning); True: require it; False: off."
+            "None: only when matplotlib is installed (otherwise one warning); True: require it; False: off.",
+            # A bare `--router_load_heatmap` means True, as for the other boolean flags.
+            "nargs": "?",
+            "const": True,
         },
     )
 
