@@ -9,6 +9,7 @@ from .layer import Linear, MoeLoraLayer, MoeLoraMergeError
 from .model import MoeLoraModel
 from .registration import PEFT_TYPE, PREFIX, register
 from .routing import RoutingOptions
+from .specialisation import TaskRouting, TaskRoutingAccumulator, shuffled_specialisation, task_routing
 from .state import AmbiguousRecomputationError, RoutingStats
 
 
@@ -25,7 +26,11 @@ __all__ = [
     "MoeLoraModel",
     "RoutingOptions",
     "RoutingStats",
+    "TaskRouting",
+    "TaskRoutingAccumulator",
     "register",
+    "shuffled_specialisation",
+    "task_routing",
 ]
 
 register()
