@@ -14,6 +14,7 @@ import numpy as np
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .plots import save_expert_load_summary
 from .stats import LoadHeatmap
 
 
@@ -153,9 +154,10 @@ class RoutingCollapseCallback(MoeLoraTrainerCallback):
 
 class RouterLoadHeatmapCallback(MoeLoraTrainerCallback):
     """
-    Write a heatmap of the expert load (layers x experts; the share of routing decisions each expert received since
-    the previous heatmap) as a PNG into each checkpoint folder and into `output_dir` at the end of training. A healthy
-    router shows an even colour per row; a collapsed one a single bright cell per row.
+    Write a heatmap of the expert load (the share of routing decisions each expert received since the previous
+    heatmap; decoder layers x experts, one panel per module type, coloured relative to the fair share 1/E) as a PNG
+    into each checkpoint folder and into `output_dir` at the end of training. A healthy router is white; a collapsed
+    one shows a single red cell per row among blue ones.
 
     Args:
         filename (`str`, *optional*, defaults to `"router_load_heatmap.png"`): name of the PNG file.
@@ -209,26 +211,7 @@ def _require_matplotlib() -> None:
 
 
 def save_load_heatmap(heatmap: LoadHeatmap, path: str, title: str = "Expert load") -> None:
-    """Plot `heatmap` (layers x experts) to a PNG file, without touching pyplot's global state."""
+    """Plot `heatmap` (decoder layers x experts, one panel per module type; see
+    [`trainer_callbacks.plots.save_expert_load_summary`]) to a PNG file, without touching pyplot's global state."""
     _require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    num_layers, num_experts = heatmap.loads.shape
-    label_width = 0.07 * max((len(name) for name in heatmap.layer_names), default=0)
-    figure = Figure(
-        figsize=(min(2.5 + label_width + 0.5 * num_experts, 24), min(1.5 + 0.22 * num_layers, 60)), dpi=100
-    )
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    masked = np.ma.masked_invalid(heatmap.loads)
-    image = axes.imshow(masked, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(masked.max()), 1e-6))
-    image.cmap.set_bad("lightgrey")  # MoLA: layers with fewer experts
-    axes.set_xticks(range(num_experts))
-    axes.set_xlabel("expert")
-    step = max(1, num_layers // 60)
-    axes.set_yticks(range(0, num_layers, step))
-    axes.set_yticklabels(heatmap.layer_names[::step], fontsize=max(4, 9 - num_layers // 40))
-    axes.set_title(title, fontsize=10)
-    figure.colorbar(image, ax=axes, label=f"share of routing decisions (uniform: 1/{num_experts})")
-    figure.savefig(path, format="png", bbox_inches="tight")
+    save_expert_load_summary(dict(zip(heatmap.layer_names, heatmap.loads)), path, title=title)
