@@ -254,10 +254,34 @@ class TaskRoutingAccumulator:
         """
         labels = _labels(task_labels)
         counts = _token_counts(token_counts, len(labels))
+        # Check everything before changing anything: a failed `add` leaves the accumulator as it was.
+        records = []
+        for name, by_adapter in stats.items():
+            for adapter, record in by_adapter.items():
+                if self.adapter_name is not None and adapter != self.adapter_name:
+                    continue
+                key = name if adapter == "default" else f"{name}[{adapter}]"
+                if record.sample_load is None:
+                    raise ValueError(
+                        f"No per-sample routing recorded for {key!r}: call `model.base_model.record_sample_routing(True)` "
+                        "before the forward (and give inputs of shape (batch, sequence))."
+                    )
+                if record.sample_load.shape[0] != len(labels):
+                    raise ValueError(
+                        f"{key!r} routed {record.sample_load.shape[0]} samples but {len(labels)} task labels were given."
+                    )
+                records.append((key, record))
+        if not records:
+            raise ValueError(
+                "The routing statistics contain no MOELORA layer"
+                + (f" of the adapter {self.adapter_name!r}." if self.adapter_name else ".")
+            )
+        if self._fixed_tasks:
+            unknown = [label for label in dict.fromkeys(labels) if label not in self._task_index]
+            if unknown:
+                raise ValueError(f"Tasks {unknown} are not among `tasks` {self._tasks}.")
         for label in labels:
             if label not in self._task_index:
-                if self._fixed_tasks:
-                    raise ValueError(f"Task {label!r} is not one of `tasks` {self._tasks}.")
                 self._task_index[label] = len(self._tasks)
                 self._tasks.append(label)
                 self._num_samples.append(0)
@@ -266,34 +290,14 @@ class TaskRoutingAccumulator:
             self._num_samples[position] += 1
         if self.keep_samples:
             self._sample_tasks.append(index.numpy())
-        found = False
-        for name, by_adapter in stats.items():
-            for adapter, record in by_adapter.items():
-                if self.adapter_name is not None and adapter != self.adapter_name:
-                    continue
-                found = True
-                key = name if adapter == "default" else f"{name}[{adapter}]"
-                sample_load = record.sample_load
-                if sample_load is None:
-                    raise ValueError(
-                        f"No per-sample routing recorded for {key!r}: call `model.base_model.record_sample_routing(True)` "
-                        "before the forward (and give inputs of shape (batch, sequence))."
-                    )
-                if sample_load.shape[0] != len(labels):
-                    raise ValueError(
-                        f"{key!r} routed {sample_load.shape[0]} samples but {len(labels)} task labels were given."
-                    )
-                dtype = torch.float32 if sample_load.device.type == "mps" else torch.float64  # MPS has no float64
-                weighted = sample_load.detach().to(dtype) * counts.to(dtype).to(sample_load.device)[:, None]
-                self._accumulate(key, weighted, index.to(sample_load.device))
-                self._experts_per_token[key] = record.experts_per_token
-                if self.keep_samples:
-                    self._samples.setdefault(key, []).append(weighted.float().cpu().numpy())
-        if not found:
-            raise ValueError(
-                "The routing statistics contain no MOELORA layer"
-                + (f" of the adapter {self.adapter_name!r}." if self.adapter_name else ".")
-            )
+        for key, record in records:
+            sample_load = record.sample_load.detach()
+            dtype = torch.float32 if sample_load.device.type == "mps" else torch.float64  # MPS has no float64
+            weighted = sample_load.to(dtype) * counts.to(dtype).to(sample_load.device)[:, None]
+            self._accumulate(key, weighted, index.to(sample_load.device))
+            self._experts_per_token[key] = record.experts_per_token
+            if self.keep_samples:
+                self._samples.setdefault(key, []).append(weighted.float().cpu().numpy())
 
     def _accumulate(self, key: str, weighted: torch.Tensor, index: torch.Tensor) -> None:
         sums = self._sums.get(key)

@@ -178,13 +178,18 @@ def test_accumulator_equals_direct_computation():
     only.add(stats, ["piqa", "boolq", "piqa", "boolq"], [1, 2, 3, 4])
     assert list(only.results()) == ["layers.0.q[other]"]
     assert only.results()["layers.0.q[other]"].tasks == ["piqa", "boolq"]
-    with pytest.raises(ValueError, match="not one of `tasks`"):
+    with pytest.raises(ValueError, match="not among `tasks`"):
         only.add(stats, ["piqa", "boolq", "piqa", "arc"], [1, 2, 3, 4])
     with pytest.raises(ValueError, match="routed 4 samples but 3"):
         accumulator.add(stats, ["piqa", "boolq", "piqa"], [1, 2, 3])
     without = {"layers.0.q": {"default": RoutingStats(**{**vars(_stats(batch["layers.0.q"])), "sample_load": None})}}
     with pytest.raises(ValueError, match="record_sample_routing"):
-        accumulator.add(without, ["piqa"] * 4, [1, 2, 3, 4])
+        accumulator.add({**stats, **without}, ["new"] * 4, [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="no MOELORA layer of the adapter 'nope'"):
+        TaskRoutingAccumulator(adapter_name="nope").add(stats, ["piqa"] * 4, [1, 2, 3, 4])
+    # A failed `add` changed nothing.
+    assert accumulator.num_samples == 9 and accumulator.tasks == ["piqa", "boolq", "arc"]
+    np.testing.assert_allclose(accumulator.results()["layers.1.q"].load, results["layers.1.q"].load)
     with pytest.raises(ValueError, match="keep_samples"):
         only.chance_specialisation()
     only.reset()
