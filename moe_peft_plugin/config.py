@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .registration import PEFT_TYPE
+from .constants import PEFT_TYPE
 
 
 ROUTER_TYPES = ("topk", "soft")
@@ -400,3 +400,4 @@ class MoeLoraConfig(PeftConfig):
         kwargs["bias"] = "moelora_only" if lora_config.bias == "lora_only" else lora_config.bias
         kwargs.update(moe_fields)
         return cls(**kwargs)
+

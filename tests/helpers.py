@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def installed_from_this_checkout() -> bool:
+    """Whether the installed moe-peft-plugin distribution (its metadata, console script) comes from this checkout."""
+    try:
+        direct_url = metadata.distribution("moe-peft-plugin").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return False
+    url = json.loads(direct_url or "{}").get("url", "")
+    return url.startswith("file://") and Path(url[len("file://") :]).resolve() == REPO
+
+
+def moe_peft_command() -> list[str]:
+    """The `moe-peft` console script where this checkout is installed, else `python -m moe_peft_cli` (the same
+    `moe_peft_cli:main`; a checkout next to another one's installation, e.g. a git worktree, has a stale script)."""
+    script = os.path.join(os.path.dirname(sys.executable), "moe-peft")
+    if installed_from_this_checkout() and os.path.isfile(script):
+        return [script]
+    return [sys.executable, "-m", "moe_peft_cli"]
 
 
 CORPUS = [

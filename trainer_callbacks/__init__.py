@@ -18,7 +18,7 @@ from .callbacks import (
 )
 from .coefficients import RouterLossCoefficients
 from .config import MoeLoraSFTConfig
-from .distributed import deepspeed_requested, setup_deepspeed_without_cuda, with_configured_state
+from .distributed import configured_state, deepspeed_requested, setup_deepspeed_without_cuda
 from .sft_trainer import MoeLoraSFTTrainer
 from .stats import LayerRouting, LoadHeatmap, RouterStatsTracker, RoutingWindow
 
@@ -36,8 +36,8 @@ __all__ = [
     "RouterStatsTracker",
     "RoutingCollapseCallback",
     "RoutingWindow",
+    "configured_state",
     "deepspeed_requested",
     "save_load_heatmap",
     "setup_deepspeed_without_cuda",
-    "with_configured_state",
 ]
