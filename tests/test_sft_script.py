@@ -268,7 +268,10 @@ def test_deepspeed_detection_and_configured_state_arguments(tmp_path, monkeypatc
     from_yaml = given("--config", str(recipe))["accelerator_config"]
     assert configured_state(from_yaml) == {"split_batches": False, "use_configured_state": True}
     from_cli = given("--config", str(recipe), "--accelerator_config", '{"dispatch_batches": false}')
-    assert configured_state(from_cli["accelerator_config"]) == {"dispatch_batches": False, "use_configured_state": True}
+    assert configured_state(from_cli["accelerator_config"]) == {
+        "dispatch_batches": False,
+        "use_configured_state": True,
+    }
     assert configured_state(None) == {"use_configured_state": True}
 
 
