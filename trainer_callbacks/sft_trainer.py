@@ -24,6 +24,7 @@ from .callbacks import (
 )
 from .coefficients import RouterLossCoefficients
 from .config import COEFFICIENT_FIELDS, MoeLoraSFTConfig
+from .model_card import update_trainer_model_card
 from .stats import RouterStatsTracker
 
 
@@ -255,6 +256,15 @@ class MoeLoraSFTTrainer(SFTTrainer):
     def add_callback(self, callback: Union[type[TrainerCallback], TrainerCallback]) -> None:
         super().add_callback(callback)
         self._bind_callbacks()
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        # peft wrote the adapter's model card; add the routing of the run to its MOELORA section.
+        update_trainer_model_card(self, output_dir or self.args.output_dir)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        super().create_model_card(*args, **kwargs)  # TRL writes its card from scratch (checkpoints, `push_to_hub`)
+        update_trainer_model_card(self, self.args.output_dir)
 
     def _experts_per_token(self, name: str, adapter: str) -> int:
         """Experts each token is routed to in a layer (1 for soft routers, whose load counts the top expert)."""
