@@ -17,13 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def installed_from_this_checkout() -> bool:
-    """Whether the installed moe-peft-plugin distribution (its metadata, console script) comes from this checkout."""
-    try:
-        direct_url = metadata.distribution("moe-peft-plugin").read_text("direct_url.json")
-    except metadata.PackageNotFoundError:
-        return False
-    url = json.loads(direct_url or "{}").get("url", "")
-    return url.startswith("file://") and Path(url[len("file://") :]).resolve() == REPO
+    """Whether moe-peft-plugin is installed (its metadata, console script) from this checkout."""
+    # Every copy of the metadata: an editable install also leaves an `.egg-info` in the checkout, found first from it.
+    for distribution in metadata.distributions(name="moe-peft-plugin"):
+        url = json.loads(distribution.read_text("direct_url.json") or "{}").get("url", "")
+        if url.startswith("file://") and Path(url[len("file://") :]).resolve() == REPO:
+            return True
+    return False
 
 
 def moe_peft_command() -> list[str]:
