@@ -263,6 +263,8 @@ def test_deepspeed_detection_and_configured_state_arguments(tmp_path, monkeypatc
     assert not deepspeed_requested(given("--output_dir", "x"))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch with a DeepSpeed config
     assert deepspeed_requested({})
+    with pytest.raises(TypeError, match="explicit_arguments"):  # the parsed values, no more scanning of argv
+        deepspeed_requested(["--deepspeed", "configs/deepspeed/zero2.json"])
 
     # The flag joins the `accelerator_config` that the run gets: the command line's, else the YAML file's.
     from_yaml = given("--config", str(recipe))["accelerator_config"]

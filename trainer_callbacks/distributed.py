@@ -16,6 +16,10 @@ def deepspeed_requested(arguments: Mapping[str, Any]) -> bool:
 
     This must be known before the training arguments are built: building them sets up the distributed state.
     """
+    if not isinstance(arguments, Mapping):
+        raise TypeError(
+            "deepspeed_requested takes the parsed arguments (`sft_script.explicit_arguments(parser, argv)`), not argv."
+        )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return True
     return bool(arguments.get("deepspeed"))
