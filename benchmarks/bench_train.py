@@ -169,7 +169,7 @@ def build_llama(num_layers: int, dtype: torch.dtype) -> nn.Module:
 def load_smollm2(dtype: torch.dtype) -> tuple[Optional[nn.Module], str]:
     """The embedded SmolLM2-135M-Instruct, or `(None, reason)` if it is not available on this machine."""
     try:
-        from moe_peft_plugin.cli.data import ensure_default_model
+        from moe_peft_cli.data import ensure_default_model
 
         path = ensure_default_model()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -179,7 +179,7 @@ def environment() -> dict:
 def _train_dataset(tasks: Sequence[str], eval_size: int, seed: int):
     from datasets import concatenate_datasets, load_dataset
 
-    from moe_peft_plugin.cli.data import prepare_benchmark
+    from moe_peft_cli.data import prepare_benchmark
 
     parts = []
     for task in tasks:
@@ -203,7 +203,7 @@ def _peft_config(spec: RunSpec, work_dir: Path):
 
 def train(spec: RunSpec, work_dir: Path):
     """Train the run's adapter; returns (peft model, tokenizer, log history, seconds)."""
-    from moe_peft_plugin.cli.models import load_base
+    from moe_peft_cli.models import load_base
     from trainer_callbacks import MoeLoraSFTConfig, MoeLoraSFTTrainer
 
     model, tokenizer = load_base(None, "bfloat16")
@@ -244,7 +244,7 @@ def merge(spec: RunSpec, work_dir: Path):
     """The arithmetic mean of the input LoRAs as one adapter (exact, `combination_type="cat"`)."""
     from peft import PeftModel
 
-    from moe_peft_plugin.cli.models import load_base
+    from moe_peft_cli.models import load_base
 
     model, tokenizer = load_base(None, "bfloat16")
     names = [f"lora{i}" for i in range(len(spec.inputs))]
@@ -261,8 +261,8 @@ def merge(spec: RunSpec, work_dir: Path):
 
 
 def evaluate(model, tokenizer, tasks: Sequence[str], eval_size: int) -> dict:
-    from moe_peft_plugin.cli.data import load_mc_file, prepare_benchmark
-    from moe_peft_plugin.cli.evaluate import score_items
+    from moe_peft_cli.data import load_mc_file, prepare_benchmark
+    from moe_peft_plugin.evaluation import score_items
 
     results = {}
     for task in tasks:
@@ -298,7 +298,7 @@ def expert_similarity(layer, x: torch.Tensor, adapter_name: str = "default") -> 
 
 def held_out_texts(task: str, eval_size: int, num_prompts: int = 32) -> list[str]:
     """The first held-out questions of `task` with their correct answers (never trained on)."""
-    from moe_peft_plugin.cli.data import load_mc_file, prepare_benchmark
+    from moe_peft_cli.data import load_mc_file, prepare_benchmark
 
     items = load_mc_file(str(prepare_benchmark(task, eval_size, seed=0).mc_eval))[:num_prompts]
     return [item.prompt + item.choices[item.label] for item in items]
@@ -364,7 +364,7 @@ def run_one(spec: RunSpec, work_dir: Path, out_dir: Path) -> dict:
 
     set_seed(spec.seed)
     if spec.kind == "base":
-        from moe_peft_plugin.cli.models import load_base
+        from moe_peft_cli.models import load_base
 
         (model, tokenizer), history, seconds = load_base(None, "bfloat16"), [], 0.0
     elif spec.kind == "merge":

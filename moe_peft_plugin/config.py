@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .registration import PEFT_TYPE
+from .constants import PEFT_TYPE
 
 
 ROUTER_TYPES = ("topk", "soft")
@@ -428,3 +428,11 @@ class MoeLoraConfig(PeftConfig):
         kwargs["bias"] = "moelora_only" if lora_config.bias == "lora_only" else lora_config.bias
         kwargs.update(moe_fields)
         return cls(**kwargs)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save `adapter_config.json`; when peft saves a whole adapter (`PeftModel.save_pretrained` writes its model
+        card just before), also add how to load it and the papers it follows to that card (`model_card.py`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .model_card import update_existing_model_card
+
+        update_existing_model_card(save_directory, self)  # a config saved on its own gets no card

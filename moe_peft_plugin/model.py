@@ -22,10 +22,10 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput
 
 from .config import MoeLoraConfig, expand_per_layer
+from .constants import PREFIX
 from .layer import MERGE_ERROR_MESSAGE, Linear, MoeLoraLayer, MoeLoraMergeError
 from .mole import LoraExperts, check_target_modules, load_lora_experts
 from .outputs import with_aux_loss_field
-from .registration import PREFIX
 from .state import ForwardContext, ReplayInContext, RoutingState, RoutingStats, build_aux_loss
 
 

@@ -9,32 +9,18 @@ entries that `register_peft_method` writes, with a string key, and use the offic
 
 from __future__ import annotations
 
-
-class _PeftTypeName(str):
-    """`"MOELORA"` that also quacks like a `PeftType` member: peft (and its testers) read `config.peft_type.value`."""
-
-    __slots__ = ()
-
-    @property
-    def value(self) -> str:
-        return str.__str__(self)
-
-    @property
-    def name(self) -> str:
-        return str.__str__(self)
+from .config import MoeLoraConfig
+from .constants import PEFT_TYPE, PREFIX
+from .model import MoeLoraModel
 
 
-PEFT_TYPE = _PeftTypeName("MOELORA")
-PREFIX = "moelora_"
+__all__ = ["PEFT_TYPE", "PREFIX", "register"]
 
 
 def register() -> None:
     """Register `MOELORA` with peft. Idempotent: calling it again is a no-op."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils.peft_types import PeftType
-
-    from .config import MoeLoraConfig
-    from .model import MoeLoraModel
 
     registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(PEFT_TYPE)
     if registered is MoeLoraConfig and PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_TYPE) is MoeLoraModel:

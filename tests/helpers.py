@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def installed_from_this_checkout() -> bool:
+    """Whether moe-peft-plugin is installed (its metadata, console script) from this checkout."""
+    # Every copy of the metadata: an editable install also leaves an `.egg-info` in the checkout, found first from it.
+    for distribution in metadata.distributions(name="moe-peft-plugin"):
+        url = json.loads(distribution.read_text("direct_url.json") or "{}").get("url", "")
+        if url.startswith("file://") and Path(url[len("file://") :]).resolve() == REPO:
+            return True
+    return False
+
+
+def moe_peft_command() -> list[str]:
+    """The `moe-peft` console script where this checkout is installed, else `python -m moe_peft_cli` (the same
+    `moe_peft_cli:main`; a checkout next to another one's installation, e.g. a git worktree, has a stale script)."""
+    script = os.path.join(os.path.dirname(sys.executable), "moe-peft")
+    if installed_from_this_checkout() and os.path.isfile(script):
+        return [script]
+    return [sys.executable, "-m", "moe_peft_cli"]
 
 
 CORPUS = [

@@ -6,6 +6,7 @@ Everything here runs on tiny local models and synthetic wheels; the real model a
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import os
@@ -21,12 +22,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from moe_peft_cli import data as cli_data
+from moe_peft_cli import main
+from moe_peft_cli import train as cli_train
+from moe_peft_cli.errors import PLUGIN_NOT_IMPORTED, UserError, explain
 from moe_peft_plugin import MoeLoraConfig
-from moe_peft_plugin.cli import data as cli_data
-from moe_peft_plugin.cli import evaluate as cli_eval
-from moe_peft_plugin.cli import main
-from moe_peft_plugin.cli import train as cli_train
-from moe_peft_plugin.cli.errors import PLUGIN_NOT_IMPORTED, UserError, explain
+from moe_peft_plugin import evaluation as cli_eval
+from moe_peft_plugin.evaluation import MCItem
+from trainer_callbacks import sft_script
+
+from .helpers import REPO, installed_from_this_checkout, moe_peft_command
 
 
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
@@ -38,8 +43,18 @@ ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "fa
 
 
 def test_console_script_is_registered():
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    declared = dict(
+        (part.strip() for part in line.split("=", 1))
+        for line in setup["options.entry_points"]["console_scripts"].strip().splitlines()
+    )
+    assert declared == {"moe-peft": "moe_peft_cli:main"}
+    assert "moe_peft_cli" in setup["options.packages.find"]["include"].split()
+    if not installed_from_this_checkout():
+        pytest.skip("moe-peft-plugin is installed from another checkout; the declaration above is checked")
     scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
-    assert scripts.get("moe-peft") == "moe_peft_plugin.cli:main"
+    assert scripts.get("moe-peft") == "moe_peft_cli:main", "stale installation: run `pip install -e .` again"
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "inspect", "export"])
@@ -59,8 +74,8 @@ def test_top_level_help(capsys):
 
 
 def test_console_script_runs():
-    script = os.path.join(os.path.dirname(sys.executable), "moe-peft")
-    result = subprocess.run([script, "--version"], capture_output=True, text=True, env=ENV, timeout=120)
+    # `moe-peft` where this checkout is installed, `python -m moe_peft_cli` otherwise (the same entry point).
+    result = subprocess.run([*moe_peft_command(), "--version"], capture_output=True, text=True, env=ENV, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "moe-peft-plugin" in result.stdout
 
@@ -68,7 +83,8 @@ def test_console_script_runs():
 def test_importing_the_plugin_stays_light():
     code = (
         "import sys, moe_peft_plugin; "
-        "heavy = [m for m in ('trl', 'matplotlib', 'datasets', 'moe_peft_plugin.cli', 'gguf') if m in sys.modules]; "
+        "heavy = [m for m in ('trl', 'matplotlib', 'datasets', 'moe_peft_cli', 'trainer_callbacks', 'gguf') "
+        "if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
@@ -132,7 +148,7 @@ def test_unknown_format_error_lists_the_supported_ones():
 
 
 def test_split_is_deterministic_disjoint_and_keeps_duplicates_together():
-    items = [cli_data.MCItem(str(i), f"Question {i % 40}?\nAnswer:", [" a", " b"], i % 2) for i in range(100)]
+    items = [MCItem(str(i), f"Question {i % 40}?\nAnswer:", [" a", " b"], i % 2) for i in range(100)]
     train, held_out = cli_data.split_items(items, 25, seed=3)
     again_train, again_held_out = cli_data.split_items(items, 25, seed=3)
     assert [i.id for i in held_out] == [i.id for i in again_held_out]
@@ -259,9 +275,9 @@ def test_wilson_interval_and_bootstrap():
 
 def _items():
     return [
-        cli_data.MCItem("1", "question: what is the capital of france? answer:", [" paris", " dog", " the mat"], 0),
-        cli_data.MCItem("2", "the cat sat on the", [" mat", " river bank"], 0),
-        cli_data.MCItem("3", "the quick brown fox jumps over the", [" lazy dog", " cat"], 0),
+        MCItem("1", "question: what is the capital of france? answer:", [" paris", " dog", " the mat"], 0),
+        MCItem("2", "the cat sat on the", [" mat", " river bank"], 0),
+        MCItem("3", "the quick brown fox jumps over the", [" lazy dog", " cat"], 0),
     ]
 
 
@@ -396,24 +412,34 @@ def test_unexpected_errors_keep_their_traceback():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_train_fills_only_the_defaults_the_user_did_not_set(tmp_path, capsys):
-    seen = {}
-    output_dir = tmp_path / "run"
-
-    def fake_train(argv):
-        seen["argv"] = argv
+def _fake_trainer(output_dir, seen):
+    def fake_train(script_args, training_args, model_args, dataset_args, moe_args):
+        seen.update(script=script_args, training=training_args, model=model_args, moe=moe_args)
         output_dir.mkdir()
         history = [{"step": 1, "loss": 3.0, "router/aux_loss": 0.2}, {"step": 2, "loss": 2.5, "router/aux_loss": 0.1}]
         return SimpleNamespace(args=SimpleNamespace(output_dir=str(output_dir)),
                                state=SimpleNamespace(log_history=history, global_step=2))  # fmt: skip
 
+    return fake_train
+
+
+def test_train_fills_only_the_defaults_the_user_did_not_set(tmp_path, capsys):
+    seen = {}
+    output_dir = tmp_path / "run"
     status = main(
         ["train", "--model_name_or_path", "my/model", "--dataset_name", "my/data", "--max_steps", "2",
          "--learning_rate", "1e-3", "--output_dir", str(output_dir), "--num_experts", "2", "4"],
-        train_fn=fake_train,
+        train_fn=_fake_trainer(output_dir, seen),
     )  # fmt: skip
     assert status == 0
-    argv = seen["argv"]
+    # What the SFT script gets: the user's values, the embedded defaults for the rest.
+    assert seen["training"].max_steps == 2 and seen["training"].learning_rate == 1e-3
+    assert seen["moe"].num_experts == [2, 4] and seen["moe"].top_k == [2] and seen["moe"].contrastive_loss_coef == 0.01
+    assert seen["model"].model_name_or_path == "my/model" and seen["script"].dataset_name == "my/data"
+    assert seen["model"].lora_r == 8 and seen["training"].output_dir == str(output_dir)
+    # The equivalent SFT-script command that the run records: each argument once.
+    run = json.load(open(output_dir / "moe_peft_run.json"))
+    argv = run["argv"]
 
     def values(name):
         index = argv.index(f"--{name}")
@@ -425,25 +451,96 @@ def test_train_fills_only_the_defaults_the_user_did_not_set(tmp_path, capsys):
         return out
 
     assert argv.count("--max_steps") == 1 and values("max_steps") == ["2"]
-    assert argv.count("--learning_rate") == 1 and values("learning_rate") == ["1e-3"]
+    assert argv.count("--learning_rate") == 1 and values("learning_rate") == ["0.001"]
     assert argv.count("--num_experts") == 1 and values("num_experts") == ["2", "4"]
     assert values("top_k") == ["2"] and values("contrastive_loss_coef") == ["0.01"]
     assert values("model_name_or_path") == ["my/model"]
-    run = json.load(open(output_dir / "moe_peft_run.json"))
+    assert "--recipe" not in argv and "--benchmark" not in argv  # options of the main job, not of the script
     assert run["global_step"] == 2 and "eval" not in run  # own data and no --eval_benchmark: no evaluation
     with open(output_dir / cli_train.LOSS_CURVE, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "loss curve:" in capsys.readouterr().out
 
 
+def test_precedence_embedded_defaults_recipe_yaml_command_line(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("learning_rate: 0.001\nmax_steps: 7\nnum_experts: [3]\n")
+    seen = {}
+    output_dir = tmp_path / "run"
+    status = main(
+        ["train", "--recipe", "mola", "--config", str(config), "--max_steps", "3", "--model_name_or_path", "my/model",
+         "--dataset_name", "my/data", "--output_dir", str(output_dir), "--skip_eval"],
+        train_fn=_fake_trainer(output_dir, seen),
+    )  # fmt: skip
+    assert status == 0
+    assert seen["training"].max_steps == 3  # command line over YAML
+    assert seen["training"].learning_rate == 0.001  # YAML over the embedded default
+    assert seen["moe"].num_experts == [3]  # YAML over the recipe (mola: 2 4 6 8)
+    assert seen["moe"].top_k == [2] and seen["training"].lr_scheduler_type == "cosine"  # recipe, embedded
+
+
 def test_recipes_and_config_files_count_as_set(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("learning_rate: 0.001\nmax_steps: 7\n")
-    given = cli_train._given_flags(["--config", str(config), "--seed=3"])
-    assert {"learning_rate", "max_steps", "config", "seed"} <= given
+    given = sft_script.explicit_arguments(cli_train.make_parser(), ["--config", str(config), "--seed=3"])
+    assert given == {"learning_rate": 0.001, "max_steps": 7, "seed": 3}  # as parsed, and nothing else
     assert cli_train.RECIPES["mola"]["num_experts"] == [2, 4, 6, 8]
 
 
-def test_sft_script_is_found():
-    script = cli_train.load_sft_script()
-    assert callable(script.main) and callable(script.make_parser) and callable(script.parse_args)
+def test_train_parses_with_the_sft_script_parser():
+    parser = cli_train.make_parser()
+    assert isinstance(parser, sft_script.MoeLoraParser) and not parser.allow_abbrev
+    assert set(parser.dataclass_types) == set(sft_script.make_parser().dataclass_types)
+    assert {"benchmark", "recipe", "eval_size"} <= {action.dest for action in parser._actions}
+    assert callable(sft_script.main) and callable(sft_script.make_parser) and callable(sft_script.parse_args)
+
+
+@pytest.fixture
+def no_data_preparation(monkeypatch):
+    """Fails the test if the embedded model or data would be prepared."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the embedded model or data was prepared")
+
+    monkeypatch.setattr(cli_data, "prepare_benchmark", forbidden)
+    monkeypatch.setattr(cli_data, "ensure_default_model", forbidden)
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--lerning_rate", "1e-3"], "unrecognized argument --lerning_rate (did you mean --learning_rate?)"),
+        (["--learning", "1e-3"], "abbreviations are not accepted: did you mean --learning_rate?"),
+        (["--max_step", "5"], "did you mean --max_steps?"),
+        (["--bench", "arc_easy"], "did you mean --benchmark?"),  # the main-job options are known too
+        (["--max_steps", "many"], "invalid int value: 'many'"),
+        (["--moelora_aux_loss_coef", "0.1"], "set --aux_loss_coef"),  # one flag per setting
+    ],
+)
+def test_argument_mistakes_are_one_line_before_any_data_is_prepared(argv, expected, no_data_preparation, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-peft train: error: ") and expected in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_yaml_key_is_one_line(tmp_path, no_data_preparation, capsys):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("lerning_rate: 0.001\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert "unknown key 'lerning_rate' (did you mean 'learning_rate'?)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_trainer_shows_the_defaults_of_train(capsys, no_data_preparation):
+    assert main(["train", "--help-trainer"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "usage: moe-peft train" in out
+    assert f"(default: {cli_train.DEFAULT_MAX_STEPS})" in out and "(default: 0.0003)" in out  # not TRL's -1 and 2e-05
+    assert "(default: SmolLM2-135M-Instruct (embedded))" in out
+    assert "--moelora_aux_loss_coef" not in out  # one flag per setting: --aux_loss_coef
+    assert main(["train", "--recipe", "mola", "--help-trainer"]) == 0
+    assert "(default: [2, 4, 6, 8])" in " ".join(capsys.readouterr().out.split())

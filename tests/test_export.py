@@ -16,11 +16,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moe_peft_cli import main
+from moe_peft_cli.inspect import collect_routing
 from moe_peft_plugin import MoeLoraConfig
-from moe_peft_plugin.cli import main
-from moe_peft_plugin.cli.errors import UserError
-from moe_peft_plugin.cli.export import read_moelora
-from moe_peft_plugin.cli.inspect import collect_routing
+from moe_peft_plugin.export import MoeLoraExportError, read_moelora
 
 
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
@@ -193,7 +192,7 @@ def test_export_errors(moelora_dir, tmp_path, tiny_model_dir, capsys):
     assert main(["export", path, "--experts", "0,zed", "--output_dir", str(tmp_path / "x"), "--no_measure"]) == 2
     assert "Unknown expert" in capsys.readouterr().err
     lora = _lora(tiny_model_dir, str(tmp_path / "lora"), 0, 2)
-    with pytest.raises(UserError, match="not a MOELORA adapter"):
+    with pytest.raises(MoeLoraExportError, match="not a MOELORA adapter"):
         read_moelora(lora)
 
 

@@ -12,10 +12,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .helpers import moe_peft_command
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def moe_peft(*args, timeout=900):
-    script = os.path.join(os.path.dirname(sys.executable), "moe-peft")
-    result = subprocess.run([script, *args], capture_output=True, text=True, env=ENV, timeout=timeout, cwd=REPO)
+    command = [*moe_peft_command(), *args]  # the `moe-peft` script, or `python -m moe_peft_cli` (see helpers)
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, (
         f"moe-peft {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     )

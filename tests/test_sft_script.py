@@ -66,7 +66,7 @@ def test_trl_lora_and_moelora_arguments_map_onto_the_adapter_config(tmp_path):
                 "num_experts": [2, 4],
                 "top_k": 1,
                 "contrastive_loss_coef": 0.05,
-                "moelora_aux_loss_coef": 0.05,
+                "aux_loss_coef": 0.05,
                 "learning_rate": 1e-3,
             }
         )
@@ -78,7 +78,7 @@ def test_trl_lora_and_moelora_arguments_map_onto_the_adapter_config(tmp_path):
         "8",
         "--lora_dropout",
         "0.0",
-        "--moelora_aux_loss_coef",
+        "--aux_loss_coef",
         "0.1",
         "--router_z_loss_coef",
         "1e-3",
@@ -89,8 +89,8 @@ def test_trl_lora_and_moelora_arguments_map_onto_the_adapter_config(tmp_path):
     assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 8, 0.0)
     assert config.target_modules == {"q_proj", "v_proj"}
     assert config.num_experts == [2, 4] and config.top_k == 1 and config.router_type == "topk"
-    assert (config.contrastive_loss_coef, config.router_z_loss_coef, config.aux_loss_coef) == (0.05, 1e-3, 0.01)
-    assert training_args.moelora_aux_loss_coef == 0.1 and training_args.learning_rate == 1e-3
+    assert (config.contrastive_loss_coef, config.router_z_loss_coef, config.aux_loss_coef) == (0.05, 1e-3, 0.1)
+    assert training_args.moelora_aux_loss_coef is None and training_args.learning_rate == 1e-3
 
     _, _, model_args, _, moe_args = _parse(
         ["--output_dir", str(tmp_path), "--num_experts", "6", "--top_k", "2", "--lora_target_modules", "all-linear"]
@@ -243,20 +243,58 @@ def test_mole_trains_only_the_gates(tiny_model_dir, jsonl_dataset, tmp_path):
 
 
 def test_deepspeed_detection_and_configured_state_arguments(tmp_path, monkeypatch):
-    from trainer_callbacks import deepspeed_requested, with_configured_state
+    from trainer_callbacks import configured_state, deepspeed_requested
+    from trainer_callbacks.sft_script import explicit_arguments
 
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump({"deepspeed": "configs/deepspeed/zero3.json", "accelerator_config": {"split_batches": False}})
     )
-    assert deepspeed_requested(["--deepspeed", "configs/deepspeed/zero2.json"])
-    assert deepspeed_requested(["--config", str(recipe)])
-    assert not deepspeed_requested(["--output_dir", "x"])
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch with a DeepSpeed config
-    assert deepspeed_requested([])
+    parser = sft_moelora.make_parser()
 
-    # The flag joins what the YAML file and the command line set (the command line wins), as one argument.
-    argv = with_configured_state(["--config", str(recipe), "--accelerator_config", '{"dispatch_batches": false}'])
-    assert argv[:2] == ["--config", str(recipe)] and argv[2] == "--accelerator_config" and len(argv) == 4
-    assert json.loads(argv[3]) == {"split_batches": False, "dispatch_batches": False, "use_configured_state": True}
+    def given(*argv):  # what the command line and its YAML file set, as the parser reads them
+        return explicit_arguments(parser, list(argv))
+
+    assert deepspeed_requested(given("--deepspeed", "configs/deepspeed/zero2.json"))
+    assert deepspeed_requested(given("--deepspeed=configs/deepspeed/zero2.json"))
+    assert deepspeed_requested(given("--config", str(recipe)))
+    assert deepspeed_requested(given(f"--config={recipe}"))
+    assert not deepspeed_requested(given("--output_dir", "x"))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch with a DeepSpeed config
+    assert deepspeed_requested({})
+    with pytest.raises(TypeError, match="explicit_arguments"):  # the parsed values, no more scanning of argv
+        deepspeed_requested(["--deepspeed", "configs/deepspeed/zero2.json"])
+
+    # The flag joins the `accelerator_config` that the run gets: the command line's, else the YAML file's.
+    from_yaml = given("--config", str(recipe))["accelerator_config"]
+    assert configured_state(from_yaml) == {"split_batches": False, "use_configured_state": True}
+    from_cli = given("--config", str(recipe), "--accelerator_config", '{"dispatch_batches": false}')
+    assert configured_state(from_cli["accelerator_config"]) == {
+        "dispatch_batches": False,
+        "use_configured_state": True,
+    }
+    assert configured_state(None) == {"use_configured_state": True}
+
+
+def test_one_flag_per_setting_and_exact_names(tmp_path, capsys):
+    """`--aux_loss_coef` (the adapter's field) is the one flag; the trainer's override is refused, from YAML too."""
+    _, training_args, model_args, _, moe_args = sft_moelora.parse_args(
+        ["--output_dir", str(tmp_path), "--aux_loss_coef", "0.2", "--bf16", "false"]
+    )
+    assert sft_moelora.get_moelora_config(model_args, moe_args).aux_loss_coef == 0.2
+    assert training_args.moelora_aux_loss_coef is None
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("moelora_contrastive_loss_coef: 0.1\n")
+    for argv, flag in (
+        (["--moelora_aux_loss_coef", "0.1"], "--aux_loss_coef"),
+        (["--config", str(recipe)], "--contrastive_loss_coef"),
+        (["--max_step", "3"], "--max_steps"),  # abbreviations are refused
+        (["--lerning_rate", "3"], "--learning_rate"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            sft_moelora.parse_args(["--output_dir", str(tmp_path), *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert flag in err and len(err.strip().splitlines()) == 1, err
+    assert "--moelora_aux_loss_coef" not in sft_moelora.make_parser().format_help()

@@ -18,7 +18,7 @@ from .callbacks import (
 )
 from .coefficients import RouterLossCoefficients
 from .config import MoeLoraSFTConfig
-from .distributed import deepspeed_requested, setup_deepspeed_without_cuda, with_configured_state
+from .distributed import configured_state, deepspeed_requested, setup_deepspeed_without_cuda
 from .plots import save_expert_load_summary, save_specialisation_report
 from .sft_trainer import MoeLoraSFTTrainer
 from .stats import LoadHeatmap, RouterStatsTracker, RoutingWindow
@@ -36,10 +36,10 @@ __all__ = [
     "RouterStatsTracker",
     "RoutingCollapseCallback",
     "RoutingWindow",
+    "configured_state",
     "deepspeed_requested",
     "save_expert_load_summary",
     "save_load_heatmap",
     "save_specialisation_report",
     "setup_deepspeed_without_cuda",
-    "with_configured_state",
 ]

@@ -4,40 +4,25 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Mapping
+from typing import Any, Union
 
 import torch
 
 
-def deepspeed_requested(argv: Sequence[str]) -> bool:
-    """Whether a command line (or the YAML file of its `--config`) or `accelerate launch` asks for DeepSpeed.
+def deepspeed_requested(arguments: Mapping[str, Any]) -> bool:
+    """Whether the parsed arguments (e.g. `sft_script.explicit_arguments`: the command line and the YAML file of its
+    `--config`) or `accelerate launch` ask for DeepSpeed.
 
-    This must be known before the training arguments are parsed: building them sets up the distributed state.
+    This must be known before the training arguments are built: building them sets up the distributed state.
     """
+    if not isinstance(arguments, Mapping):
+        raise TypeError(
+            "deepspeed_requested takes the parsed arguments (`sft_script.explicit_arguments(parser, argv)`), not argv."
+        )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return True
-    argv = list(argv)
-    for index, arg in enumerate(argv):
-        if arg.startswith("--deepspeed="):
-            return bool(arg.split("=", 1)[1])
-        if arg == "--deepspeed":
-            return index + 1 < len(argv) and not argv[index + 1].startswith("--")
-    config = _config_file(argv)
-    if config is not None:
-        import yaml
-
-        with open(config, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-        return bool(values.get("deepspeed"))
-    return False
-
-
-def _config_file(argv: list[str]) -> Optional[str]:
-    """The YAML file of `--config PATH` (the only form `TrlParser` reads)."""
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        return argv[argv.index("--config") + 1]
-    return None
+    return bool(arguments.get("deepspeed"))
 
 
 def setup_deepspeed_without_cuda() -> bool:
@@ -45,7 +30,7 @@ def setup_deepspeed_without_cuda() -> bool:
 
     DeepSpeed picks its CPU accelerator by itself, but the Trainer's distributed state would not use gloo. Call this
     before the `TrainingArguments` are built, and build them with `accelerator_config={"use_configured_state": True}`
-    (for a command line: [`with_configured_state`]). Without it DeepSpeed fails with "train_batch_size is not equal
+    (for a command line: [`configured_state`]). Without it DeepSpeed fails with "train_batch_size is not equal
     to micro_batch_per_gpu * gradient_acc_step * world_size". Do not set `use_cpu=True`: it turns DeepSpeed off.
     """
     if torch.cuda.is_available():
@@ -61,32 +46,16 @@ def setup_deepspeed_without_cuda() -> bool:
     return True
 
 
-def with_configured_state(argv: Sequence[str]) -> list[str]:
-    """`argv` with `--accelerator_config` asking the Trainer to keep the distributed state set up beforehand.
+def configured_state(accelerator_config: Union[dict, str, None] = None) -> dict:
+    """`accelerator_config` (a dict, a JSON string or a JSON file, as `--accelerator_config` takes it) with
+    `use_configured_state=True`: the Trainer then keeps the distributed state set up beforehand.
 
-    The flag must be in the arguments when they are built (`TrainingArguments` sets up the distributed state in
-    `__post_init__`, and resets an existing one without it). An `accelerator_config` given on the command line or in
-    the YAML `--config` is kept and extended.
+    It must be in the arguments when they are built (`TrainingArguments` sets up the distributed state in
+    `__post_init__`, and resets an existing one without it).
     """
-    argv = list(argv)
-    accelerator_config: dict = {}
-    config = _config_file(argv)
-    if config is not None:
-        import yaml
-
-        with open(config, encoding="utf-8") as handle:
-            accelerator_config.update(_as_dict((yaml.safe_load(handle) or {}).get("accelerator_config")))
-    for index, arg in enumerate(argv):
-        if arg.startswith("--accelerator_config="):
-            accelerator_config.update(_as_dict(arg.split("=", 1)[1]))
-            del argv[index]
-            break
-        if arg == "--accelerator_config" and index + 1 < len(argv):
-            accelerator_config.update(_as_dict(argv[index + 1]))
-            del argv[index : index + 2]
-            break
-    accelerator_config["use_configured_state"] = True
-    return argv + ["--accelerator_config", json.dumps(accelerator_config)]
+    config = _as_dict(accelerator_config)
+    config["use_configured_state"] = True
+    return config
 
 
 def _as_dict(value) -> dict:

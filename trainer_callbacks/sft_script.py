@@ -35,19 +35,27 @@ To load the trained adapter elsewhere, `import moe_peft_plugin` first: it regist
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import json
+import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+from trl import TrlParser
 
 import moe_peft_plugin  # noqa: F401  (registers MOELORA with peft; import it before loading any MOELORA adapter)
 from moe_peft_plugin import MoeLoraConfig
 from trainer_callbacks import (
     MoeLoraSFTConfig,
     MoeLoraSFTTrainer,
+    configured_state,
     deepspeed_requested,
     setup_deepspeed_without_cuda,
-    with_configured_state,
 )
+from trainer_callbacks.config import COEFFICIENT_FIELDS
 from trainer_callbacks.distributed import finish_distributed
 
 
@@ -224,18 +232,127 @@ def main(script_args, training_args, model_args, dataset_args, moe_args, callbac
     return trainer
 
 
-def make_parser(prog: Optional[str] = None):
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line: parser defaults < the YAML file of `--config` < the command line, all through TRL's parser
+# ---------------------------------------------------------------------------------------------------------------------
 
-    return TrlParser(
-        (ScriptArguments, MoeLoraSFTConfig, ModelConfig, DatasetMixtureConfig, MoeLoraArguments), prog=prog
+_UNSET = object()
+
+
+class MoeLoraParser(TrlParser):
+    """TRL's parser (YAML `--config` + command line) with exact argument names only and one-line errors."""
+
+    def error(self, message: str):
+        # argparse prints the usage first, which lists every one of the ~300 arguments: say what is wrong instead.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def make_parser(prog: Optional[str] = None) -> MoeLoraParser:
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+
+    parser = MoeLoraParser(
+        (ScriptArguments, MoeLoraSFTConfig, ModelConfig, DatasetMixtureConfig, MoeLoraArguments),
+        prog=prog,
+        allow_abbrev=False,
     )
+    for action in parser._actions:
+        if action.dest in COEFFICIENT_FIELDS:
+            action.help = argparse.SUPPRESS  # one flag per setting: `--aux_loss_coef` etc. (see `parse_args`)
+    return parser
 
 
-def parse_args(argv: Optional[list[str]] = None):
-    """Parse a command line (YAML `--config` + overrides); sets DeepSpeed up over gloo first where there is no CUDA."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # Must run before the training arguments are built: building them sets up the distributed state.
-    if deepspeed_requested(argv) and setup_deepspeed_without_cuda():
-        argv = with_configured_state(argv)
-    return make_parser().parse_args_and_config(argv)
+def explicit_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """
+    The values that a command line and the YAML file of its `--config` set, as `parser` reads them (the command line
+    over the YAML file), without any default: `{"learning_rate": 0.001, ...}`.
+
+    Unknown and abbreviated arguments and unknown YAML keys are refused at once, with one line that names the closest
+    known argument (`parser.error`).
+    """
+    argv = _config_as_two_arguments(argv)
+    config: dict[str, Any] = {}
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 == len(argv):
+            parser.error("--config needs the path of a YAML file.")
+        config_path = argv[index + 1]
+        argv = argv[:index] + argv[index + 2 :]
+        config = _read_config(parser, config_path)
+    # Every destination already exists on the namespace, so argparse sets no default: what is left was given.
+    namespace = argparse.Namespace(**{action.dest: _UNSET for action in parser._actions})
+    namespace, unknown = parser.parse_known_args(argv, namespace)
+    if unknown:
+        parser.error(_unknown_argument_message(parser, unknown[0]))
+    dests = {action.dest for action in parser._actions}
+    for key in config:
+        if key not in dests:
+            parser.error(f"--config {config_path}: unknown key {key!r}{_suggestion(parser, '--' + key, key=True)}")
+    return {**config, **{name: value for name, value in vars(namespace).items() if value is not _UNSET}}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None):
+    """
+    Parse a command line with `parser` (default: [`make_parser`]): its defaults < the YAML file of `--config` < the
+    command line, as TRL's `TrlParser` does. Returns the dataclasses (`script_args, training_args, model_args,
+    dataset_args, moe_args`, plus a namespace of any arguments added to `parser` beyond them).
+
+    Mistakes in the arguments end the program with one line before anything is built: unknown or abbreviated
+    arguments, and the trainer's `--moelora_*_coef` overrides (this script builds the adapter: set `--aux_loss_coef`
+    etc., which are saved with it). Where DeepSpeed is requested and there is no CUDA, DeepSpeed is set up over gloo
+    first: building the training arguments sets up the distributed state.
+    """
+    argv = _config_as_two_arguments(sys.argv[1:] if argv is None else argv)
+    parser = make_parser() if parser is None else parser
+    given = explicit_arguments(parser, argv)
+    for name, key in COEFFICIENT_FIELDS.items():
+        if name in given:
+            parser.error(
+                f"--{name} is MoeLoraSFTTrainer's override for an adapter that already exists; this script builds the "
+                f"adapter, so set --{key} (saved with the adapter)."
+            )
+    if deepspeed_requested(given) and setup_deepspeed_without_cuda():
+        # The last occurrence wins; it keeps the `accelerator_config` that was given (command line, else YAML).
+        argv = [*argv, "--accelerator_config", json.dumps(configured_state(given.get("accelerator_config")))]
+    return parser.parse_args_and_config(argv)
+
+
+def _config_as_two_arguments(argv: Sequence[str]) -> list[str]:
+    # TrlParser reads `--config PATH` only; `--config=PATH` would otherwise be an unknown argument.
+    out: list[str] = []
+    for arg in argv:
+        out += ["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg]
+    return out
+
+
+def _read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        parser.error(f"--config {path}: no such file.")
+    with open(path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle) or {}
+    if not isinstance(config, dict):
+        parser.error(f"--config {path} must hold a YAML mapping of argument names to values.")
+    config.pop("env", None)  # environment variables, set by TrlParser when it parses
+    return config
+
+
+def _unknown_argument_message(parser: argparse.ArgumentParser, argument: str) -> str:
+    if not argument.startswith("-"):
+        return f"unrecognized argument {argument!r} (arguments are `--name value`)"
+    name = argument.split("=", 1)[0]
+    return f"unrecognized argument {name}{_suggestion(parser, name)}"
+
+
+def _suggestion(parser: argparse.ArgumentParser, name: str, key: bool = False) -> str:
+    """` (did you mean --learning_rate?)` for the closest known argument, or ''."""
+    canonical = {option: action.option_strings[0] for action in parser._actions for option in action.option_strings}
+    canonical = {option: first for option, first in canonical.items() if option.startswith("--")}
+    prefixed = sorted({canonical[option] for option in canonical if option.startswith(name)})
+    if prefixed and not key:
+        names = " or ".join(prefixed[:3]) + (" or ..." if len(prefixed) > 3 else "")
+        return f" (abbreviations are not accepted: did you mean {names}?)"
+    close = difflib.get_close_matches(name, list(canonical), n=1)
+    if not close:
+        return ""
+    return f" (did you mean {canonical[close[0]][2:]!r}?)" if key else f" (did you mean {canonical[close[0]]}?)"

@@ -25,6 +25,7 @@ from .callbacks import (
 )
 from .coefficients import RouterLossCoefficients
 from .config import COEFFICIENT_FIELDS, MoeLoraSFTConfig
+from .model_card import update_trainer_model_card
 from .stats import RouterStatsTracker
 
 
@@ -265,6 +266,15 @@ class MoeLoraSFTTrainer(SFTTrainer):
     def add_callback(self, callback: Union[type[TrainerCallback], TrainerCallback]) -> None:
         super().add_callback(callback)
         self._bind_callbacks()
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        # peft wrote the adapter's model card; add the routing of the run to its MOELORA section.
+        update_trainer_model_card(self, output_dir or self.args.output_dir)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        super().create_model_card(*args, **kwargs)  # TRL writes its card from scratch (checkpoints, `push_to_hub`)
+        update_trainer_model_card(self, self.args.output_dir)
 
     def _aux_loss_divisor(self, num_items_in_batch: Any) -> int:
         """The factor `Trainer.training_step` would divide an unscaled loss by (mirrors its rule exactly)."""

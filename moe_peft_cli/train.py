@@ -1,13 +1,16 @@
 """`moe-peft train`: the main job. Fine-tune with MOELORA, save, reload in a fresh process, evaluate, plot.
 
-Training itself is the SFT script (`examples/sft_moelora.py`: TRL's `SFTTrainer` with the MOELORA router losses); this
-module adds the embedded defaults around it (model, data, hyperparameters: each one only when the user did not set
-it), then evaluates base vs fine-tuned on the held-out questions in a fresh process and writes the plots.
+Training itself is the SFT script (`trainer_callbacks.sft_script`: TRL's `SFTTrainer` with the MOELORA router losses).
+Its arguments are parsed by the script's own TRL parser, extended with the main-job options below, in one pass:
+the embedded defaults (model, data, hyperparameters) < the YAML file of `--config` < the command line. Then the
+embedded model and data are prepared (only what the user did not replace), the script trains, and this module
+evaluates base vs fine-tuned on the held-out questions in a fresh process and writes the plots.
+
+Nothing heavy is imported before `run`: `moe-peft train --help` starts without torch.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import os
@@ -15,9 +18,10 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
+from typing import Any, Optional
 
 from .data import BENCHMARKS, DEFAULT_BENCHMARK, log
 from .errors import UserError
@@ -59,36 +63,11 @@ RECIPES: dict[str, dict[str, object]] = {
     "qlora": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": True},
 }
 
+# Filled in after parsing (the embedded model and data are prepared only when they are used); shown by --help-trainer.
+EMBEDDED_MODEL_HELP = "SmolLM2-135M-Instruct (embedded)"
+EMBEDDED_DATA_HELP = "the --benchmark's training questions (embedded)"
+
 LOSS_CURVE = "loss_curve.png"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The SFT script
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def load_sft_script():
-    """The SFT script module (`make_parser`, `parse_args`, `main`).
-
-    An installed package provides it as `trainer_callbacks.sft_script`; a source checkout also has it as
-    `examples/sft_moelora.py`, which is loaded from its path.
-    """
-    try:
-        return importlib.import_module("trainer_callbacks.sft_script")
-    except ImportError as err:
-        if err.name not in ("trainer_callbacks.sft_script", "trainer_callbacks"):
-            raise
-    path = Path(__file__).resolve().parents[2] / "examples" / "sft_moelora.py"
-    if not path.is_file():
-        raise UserError(
-            "The training script is not available: `moe-peft train` needs `trainer_callbacks` (`pip install "
-            "'moe-peft-plugin[trl]'`) or a source checkout with examples/sft_moelora.py."
-        )
-    spec = importlib.util.spec_from_file_location("moe_peft_sft_moelora", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -97,6 +76,7 @@ def load_sft_script():
 
 
 def add_arguments(parser) -> None:
+    """The main-job options (on `moe-peft train --help`'s light parser and on the full training parser)."""
     group = parser.add_argument_group(
         "the main job (everything else goes to the SFT script: see `--help-trainer`)",
     )
@@ -104,144 +84,119 @@ def add_arguments(parser) -> None:
         "--benchmark",
         default=DEFAULT_BENCHMARK,
         choices=sorted(BENCHMARKS),
-        help=f"Embedded benchmark to train and evaluate on (default {DEFAULT_BENCHMARK}). Its questions are split "
-        "into a training set and a held-out evaluation set that training never sees.",
+        help="Embedded benchmark to train and evaluate on. Its questions are split into a training set and a held-out "
+        "evaluation set that training never sees.",
     )
-    group.add_argument("--eval_size", type=int, default=200, help="Held-out questions (default 200).")
-    group.add_argument("--split_seed", type=int, default=0, help="Seed of the train/eval split (default 0).")
+    group.add_argument("--eval_size", type=int, default=200, help="Held-out questions.")
+    group.add_argument("--split_seed", type=int, default=0, help="Seed of the train/eval split.")
     group.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
         default="moelora",
-        help="moelora (default: 8 experts, top-2, load balance + contrastive), mola (2,4,6,8 experts per layer group), "
+        help="moelora (8 experts, top-2, load balance + contrastive), mola (2,4,6,8 experts per layer group), "
         "mole (needs --expert_adapters LORA_DIR ...), qlora (4-bit base, needs bitsandbytes).",
     )
     group.add_argument("--skip_eval", action="store_true", help="Train and save only; no evaluation.")
     group.add_argument(
         "--eval_benchmark",
         default=None,
-        help="With your own --dataset_name: evaluate on this embedded benchmark's held-out set (default: skip).",
+        help="With your own --dataset_name: evaluate on this embedded benchmark's held-out set (unset: no evaluation).",
     )
-    group.add_argument("--eval_batch_size", type=int, default=16, help="Batch size of the evaluation (default 16).")
+    group.add_argument("--eval_batch_size", type=int, default=16, help="Batch size of the evaluation.")
     group.add_argument(
-        "--help-trainer", action="store_true", help="Show every argument of the SFT script (TRL + MOELORA) and exit."
+        "--help-trainer",
+        "--help_trainer",
+        action="store_true",
+        help="Show every argument of the SFT script (TRL + MOELORA) with the defaults of `moe-peft train`, and exit.",
     )
 
 
-def _given_flags(argv: Sequence[str]) -> set[str]:
-    """The `--name`s on a command line and in the YAML of its `--config`."""
-    names = set()
-    argv = list(argv)
-    for arg in argv:
-        if arg.startswith("--"):
-            names.add(arg[2:].split("=", 1)[0].replace("-", "_"))
-    config = None
-    for index, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            config = arg.split("=", 1)[1]
-        elif arg == "--config" and index + 1 < len(argv):
-            config = argv[index + 1]
-    if config:
-        import yaml
-
-        if not os.path.isfile(config):
-            raise UserError(f"--config {config}: no such file.")
-        with open(config, encoding="utf-8") as handle:
-            names.update((yaml.safe_load(handle) or {}).keys())
-    return names
+MAIN_JOB_OPTIONS = ("benchmark", "eval_size", "split_seed", "recipe", "skip_eval", "eval_benchmark", "eval_batch_size",
+                    "help_trainer")  # fmt: skip
 
 
-def _as_argv(name: str, value: object) -> list[str]:
-    if isinstance(value, (list, tuple)):
-        return [f"--{name}", *[str(v) for v in value]]
-    return [f"--{name}", str(value)]
+def make_parser():
+    """The SFT script's parser (TRL's arguments, the MOELORA fields, YAML `--config`) plus the main-job options."""
+    from trainer_callbacks import sft_script
+
+    parser = sft_script.make_parser(prog="moe-peft train")
+    add_arguments(parser)
+    return parser
 
 
-def _value_after(argv: Sequence[str], name: str) -> Optional[str]:
-    argv = list(argv)
-    for index, arg in enumerate(argv):
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-        if arg == f"--{name}" and index + 1 < len(argv):
-            return argv[index + 1]
-    return None
-
-
-def _bool_flag(argv: Sequence[str], name: str) -> bool:
-    """Whether a boolean option is switched on (`--name`, `--name true`, `--name=1`)."""
-    argv = list(argv)
-    for index, arg in enumerate(argv):
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1].lower() in ("true", "1", "yes")
-        if arg == f"--{name}":
-            value = argv[index + 1] if index + 1 < len(argv) else None
-            return value is None or value.startswith("--") or value.lower() in ("true", "1", "yes")
-    return False
-
-
-def check_gpu_options(argv: Sequence[str]) -> None:
+def check_gpu_options(given: Mapping[str, Any]) -> None:
     """Refuse options that need a GPU on a machine without one, with what to use instead."""
     import torch
 
     if torch.cuda.is_available():
         return
-    if _bool_flag(argv, "fp16"):
+    if given.get("fp16"):
         raise UserError(
             "--fp16 (mixed precision with loss scaling) needs a CUDA GPU, and this machine has none. On CPU use "
             "--bf16 or leave it out (the embedded default already trains a bfloat16 model)."
         )
-    attn = _value_after(argv, "attn_implementation")
-    if attn and attn.startswith("flash_attention"):
+    attn = given.get("attn_implementation")
+    if attn and str(attn).startswith("flash_attention"):
         raise UserError(
             f"--attn_implementation {attn} needs a CUDA GPU with flash-attn; on CPU use sdpa (the default) or eager."
         )
-    if _bool_flag(argv, "use_liger_kernel"):
+    if given.get("use_liger_kernel"):
         raise UserError("--use_liger_kernel needs a CUDA GPU (Triton kernels); leave it out on CPU.")
 
 
-def build_argv(options, rest: Sequence[str]) -> tuple[list[str], dict]:
-    """The SFT script's command line: the user's arguments plus every default they did not set, and run metadata."""
-    from .data import default_model_dir, ensure_default_model, prepare_benchmark
-
-    check_gpu_options(rest)
-    given = _given_flags(rest)
-    argv: list[str] = []  # the defaults; the user's arguments come last, so that they win however they are spelt
-    info: dict = {"recipe": options.recipe}
-    defaults = dict(EMBEDDED_DEFAULTS)
+def train_defaults(options, given: Mapping[str, Any]) -> dict[str, object]:
+    """The parser defaults of `moe-peft train`: the embedded ones, then the recipe's. They apply to what `given` (the
+    command line and its YAML file) leaves out; the model and data are filled in after parsing."""
     import torch
 
+    defaults = dict(EMBEDDED_DEFAULTS)
     if not torch.cuda.is_available():
         # TRL turns bf16 autocast on by default, which needs `--use_cpu` on CPU; the model itself is loaded in
         # bfloat16 (`--dtype`), which is what makes CPU training fast.
         defaults["bf16"] = False
     defaults.update(RECIPES[options.recipe])
-    if options.recipe == "mole" and "expert_adapters" not in given:
+    if options.recipe == "mole" and not given.get("expert_adapters"):
         raise UserError("--recipe mole fuses trained LoRAs: give them with --expert_adapters LORA_DIR [LORA_DIR ...].")
-    if options.recipe in ("mole",) or "expert_adapters" in given:
+    if options.recipe == "mole" or given.get("expert_adapters"):
         for name in ("lora_r", "lora_alpha", "lora_target_modules", "num_experts"):
             defaults.pop(name, None)  # MoLE takes them from the LoRAs it fuses
-    if options.recipe == "qlora" or "load_in_4bit" in given or "load_in_8bit" in given:
+    if options.recipe == "qlora" or given.get("load_in_4bit") or given.get("load_in_8bit"):
         if importlib.util.find_spec("bitsandbytes") is None:
             from .errors import MISSING_BITSANDBYTES
 
             raise UserError(MISSING_BITSANDBYTES)
+        from .quiet import release_bitsandbytes_kernels_warning
 
-    if "model_name_or_path" not in given:
-        argv += ["--model_name_or_path", str(ensure_default_model())]
+        release_bitsandbytes_kernels_warning()
+    if "output_dir" not in given:
+        own_data = bool(given.get("dataset_name") or given.get("datasets"))
+        name = f"{options.benchmark if not own_data else 'custom'}-{options.recipe}"
+        defaults["output_dir"] = os.path.join("moe-peft-output", name)
+    return defaults
+
+
+def prepare_model_and_data(options, given: Mapping[str, Any], script_args, model_args) -> dict:
+    """Fill in the embedded model and training data where the user gave none, prepare the held-out questions, and
+    return the run's metadata."""
+    from .data import default_model_dir, ensure_default_model, prepare_benchmark
+
+    info: dict = {"recipe": options.recipe}
+    if not given.get("model_name_or_path"):
+        model_args.model_name_or_path = str(ensure_default_model())
         info["model"] = "SmolLM2-135M-Instruct (embedded)"
     else:
-        info["model"] = _value_after(rest, "model_name_or_path")
-        if info["model"] and Path(info["model"]) == default_model_dir():
+        info["model"] = model_args.model_name_or_path
+        if Path(info["model"]) == default_model_dir():
             ensure_default_model()
 
-    own_data = "dataset_name" in given or "datasets" in given
+    own_data = bool(given.get("dataset_name") or given.get("datasets"))
     eval_benchmark = options.eval_benchmark if own_data else (options.eval_benchmark or options.benchmark)
     if not own_data:
         prepared = prepare_benchmark(options.benchmark, options.eval_size, options.split_seed)
-        argv += ["--dataset_name", str(prepared.sft_dir)]
+        script_args.dataset_name = str(prepared.sft_dir)
         info["train_data"] = {"benchmark": options.benchmark, **prepared.meta}
     else:
-        info["train_data"] = {"dataset_name": _value_after(rest, "dataset_name")}
+        info["train_data"] = {"dataset_name": script_args.dataset_name}
     if eval_benchmark and not options.skip_eval:
         if eval_benchmark not in BENCHMARKS:
             raise UserError(f"Unknown --eval_benchmark {eval_benchmark!r}; choose from {', '.join(BENCHMARKS)}.")
@@ -254,14 +209,23 @@ def build_argv(options, rest: Sequence[str]) -> tuple[list[str], dict]:
         }
         if own_data:
             info["eval"]["note"] = "the training data is your own: make sure it does not contain these questions"
+    return info
 
-    if "output_dir" not in given:
-        name = f"{options.benchmark if not own_data else 'custom'}-{options.recipe}"
-        argv += ["--output_dir", os.path.join("moe-peft-output", name)]
-    for name, value in defaults.items():
-        if name not in given:
-            argv += _as_argv(name, value)
-    return argv + list(rest), info
+
+def sft_command(defaults: Mapping[str, object], given: Mapping[str, Any], filled: Mapping[str, object]) -> list[str]:
+    """An SFT-script command line equivalent to the run (logged and recorded): every argument that the user, the
+    embedded defaults or the filled-in model and data set, each once."""
+    command: list[str] = []
+    for name, value in {**defaults, **filled, **given}.items():
+        if name in MAIN_JOB_OPTIONS or value is None:
+            continue
+        if isinstance(value, dict):
+            command += [f"--{name}", json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            command += [f"--{name}", *[str(v) for v in value]]
+        else:
+            command += [f"--{name}", str(value)]
+    return command
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,25 +271,37 @@ def save_loss_curve(log_history: Sequence[dict], path: str, title: str = "Traini
 
 def run_eval_subprocess(output_dir: str, info: dict, batch_size: int) -> int:
     """Evaluate the saved adapter against its base model in a fresh process (it must reload from disk)."""
-    command = [sys.executable, "-m", "moe_peft_plugin.cli", "eval", output_dir, "--batch_size", str(batch_size)]
+    command = [sys.executable, "-m", "moe_peft_cli", "eval", output_dir, "--batch_size", str(batch_size)]
     log("evaluating base vs fine-tuned in a fresh process: " + " ".join(shlex.quote(c) for c in command[1:]))
     return subprocess.call(command)
 
 
-def run(options, rest: Sequence[str], train_fn: Optional[Callable] = None) -> int:
-    """The main job. `train_fn(argv, callbacks) -> trainer` replaces the SFT script (tests)."""
+def run(argv: Sequence[str], train_fn: Optional[Callable] = None) -> int:
+    """The main job for the arguments after `moe-peft train`.
+
+    `train_fn(script_args, training_args, model_args, dataset_args, moe_args) -> trainer` replaces the SFT script's
+    `main` (tests).
+    """
+    from trainer_callbacks import sft_script  # torch, transformers and trl from here on
+
+    parser = make_parser()
+    given = sft_script.explicit_arguments(parser, argv)  # unknown or abbreviated arguments: one line, at once
+    options = SimpleNamespace(**{name: given.get(name, parser.get_default(name)) for name in MAIN_JOB_OPTIONS})
+    check_gpu_options(given)
+    defaults = train_defaults(options, given)
+    parser.set_defaults(**defaults)
     if options.help_trainer:
-        load_sft_script().make_parser(prog="moe-peft train").print_help()
+        parser.set_defaults(model_name_or_path=EMBEDDED_MODEL_HELP, dataset_name=EMBEDDED_DATA_HELP)
+        parser.print_help()
         return 0
-    argv, info = build_argv(options, rest)
-    log("training: " + " ".join(shlex.quote(a) for a in argv))
+    # Every argument is checked here, before any model or data is prepared.
+    script_args, training_args, model_args, dataset_args, moe_args, _ = sft_script.parse_args(argv, parser)
+    info = prepare_model_and_data(options, given, script_args, model_args)
+    filled = {"model_name_or_path": model_args.model_name_or_path, "dataset_name": script_args.dataset_name}
+    command = sft_command(defaults, given, filled)
+    log("training: " + " ".join(shlex.quote(a) for a in command))
     started = time.time()
-    if train_fn is None:
-        script = load_sft_script()
-        parsed = script.parse_args(argv)
-        trainer = script.main(*parsed)
-    else:
-        trainer = train_fn(argv)
+    trainer = (train_fn or sft_script.main)(script_args, training_args, model_args, dataset_args, moe_args)
     train_seconds = time.time() - started
     output_dir = trainer.args.output_dir
     if not getattr(trainer, "is_world_process_zero", lambda: True)():
@@ -333,7 +309,7 @@ def run(options, rest: Sequence[str], train_fn: Optional[Callable] = None) -> in
     history = list(trainer.state.log_history)
     info.update(
         {
-            "argv": argv,
+            "argv": command,
             "output_dir": os.path.abspath(output_dir),
             "global_step": trainer.state.global_step,
             "train_seconds": round(train_seconds, 1),

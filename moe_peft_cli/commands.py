@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from .data import BENCHMARKS, DEFAULT_BENCHMARK, MCItem, load_mc_file, log, prepare_benchmark
+from .data import BENCHMARKS, DEFAULT_BENCHMARK, load_mc_file, log, prepare_benchmark
 from .errors import UserError
 from .models import adapter_config, base_model_of, check_device, load_adapter, load_base, run_info
+
+
+if TYPE_CHECKING:
+    from moe_peft_plugin.evaluation import MCItem
 
 
 def _held_out_items(options, info: dict, split: str = "eval") -> tuple[list[MCItem], str]:
@@ -34,7 +38,7 @@ def _held_out_items(options, info: dict, split: str = "eval") -> tuple[list[MCIt
 
 
 def eval_command(options) -> int:
-    from .evaluate import accuracy, chance_level, format_table, score_items
+    from moe_peft_plugin.evaluation import accuracy, chance_level, format_table, score_items
 
     check_device(options.device)
     info = run_info(options.adapter)
@@ -61,7 +65,7 @@ def eval_command(options) -> int:
     print(table, flush=True)
     output = options.output or (os.path.join(options.adapter, "eval_results.json") if options.adapter else None)
     if output:
-        from .evaluate import paired_bootstrap
+        from moe_peft_plugin.evaluation import paired_bootstrap
 
         payload = {"source": source, "num_questions": len(items), "results": [r.to_dict() for r in results]}
         if baseline is not None:
@@ -177,9 +181,26 @@ def _parse_weights(spec: str, count: int) -> Optional[list[float]]:
 
 
 def export_command(options) -> int:
+    from moe_peft_plugin.export import MoeLoraExportError
+
+    try:
+        return _export(options)
+    except MoeLoraExportError as err:  # a mistake in the adapter or the selection: one line, no traceback
+        raise UserError(str(err)) from err
+
+
+def _export(options) -> int:
     import numpy as np
 
-    from .export import build_lora_state, completion_nll, parse_layers, read_moelora, resolve_experts, save_lora
+    from moe_peft_plugin.export import (
+        QualityReport,
+        build_lora_state,
+        completion_nll,
+        parse_layers,
+        read_moelora,
+        resolve_experts,
+        save_lora,
+    )
 
     if not (options.expert is not None or options.experts or options.merge):
         raise UserError("Say what to export: --expert E, --experts E1,E2,... (a subset) or --merge.")
@@ -259,8 +280,6 @@ def export_command(options) -> int:
         base = model.unload()
         lora = PeftModel.from_pretrained(base, options.output_dir).eval()
         export_nll, _ = completion_nll(lora, tokenizer, held_out)
-        from .export import QualityReport
-
         report = QualityReport(base_nll, moe_nll, export_nll, tokens)
         print(report.format())
         export_info["quality"] = report.to_dict()
@@ -274,7 +293,7 @@ def export_command(options) -> int:
 
 
 def _nll_without_adapter(peft_model, tokenizer, pairs):
-    from .export import completion_nll
+    from moe_peft_plugin.export import completion_nll
 
     with peft_model.disable_adapter():
         return completion_nll(peft_model, tokenizer, pairs)

@@ -5,6 +5,8 @@ the best-scoring option. `acc` compares summed log-probabilities, `acc_token` th
 divided by the option's length in characters (the OLMES "RC" convention, the default: it does not favour short
 options). Accuracy comes with a 95% Wilson score interval, and the difference between two models on the same
 questions with a 95% paired bootstrap interval.
+
+Used by `moe-peft eval`, `moe-peft train` and `benchmarks/science.py`; needs numpy and torch, nothing else.
 """
 
 from __future__ import annotations
@@ -16,10 +18,22 @@ from typing import Optional
 
 import numpy as np
 
-from .data import MCItem
-
 
 METRICS = ("acc_char", "acc_token", "acc")
+
+
+@dataclass
+class MCItem:
+    """One multiple-choice question in cloze form: score `prompt + choices[i]`; `choices[label]` is correct."""
+
+    id: str
+    prompt: str
+    choices: list[str]
+    label: int
+
+    def to_sft(self) -> dict:
+        """The question as a prompt-completion training row (the correct choice is the completion)."""
+        return {"prompt": self.prompt, "completion": self.choices[self.label]}
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:

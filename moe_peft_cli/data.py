@@ -30,9 +30,13 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .errors import UserError, missing_package
+
+
+if TYPE_CHECKING:
+    from moe_peft_plugin.evaluation import MCItem
 
 
 @dataclass(frozen=True)
@@ -241,17 +245,12 @@ def ensure_default_model() -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class MCItem:
-    """One multiple-choice question in cloze form: score `prompt + choices[i]`; `choices[label]` is correct."""
+def _mc_item(id: str, prompt: str, choices: list[str], label: int) -> MCItem:
+    # The question type belongs to the core's evaluation; imported here, when data is read, so that building the
+    # command line (`moe-peft --help`) imports no torch.
+    from moe_peft_plugin.evaluation import MCItem
 
-    id: str
-    prompt: str
-    choices: list[str]
-    label: int
-
-    def to_sft(self) -> dict:
-        return {"prompt": self.prompt, "completion": self.choices[self.label]}
+    return MCItem(id=id, prompt=prompt, choices=choices, label=label)
 
 
 def _letter_choices(row: dict, question: str, prefix: str = "") -> MCItem:
@@ -260,7 +259,7 @@ def _letter_choices(row: dict, question: str, prefix: str = "") -> MCItem:
     key = str(row["answerKey"]).strip()
     if key not in labels:
         raise ValueError(f"answerKey {key!r} not among {labels}")
-    return MCItem(
+    return _mc_item(
         id=str(row.get("id", "")),
         prompt=f"{prefix}Question: {question.strip()}\nAnswer:",
         choices=[f" {t.strip()}" for t in texts],
@@ -279,7 +278,7 @@ def _openbookqa(row: dict) -> MCItem:
 def _boolq(row: dict) -> MCItem:
     question = row["question"].strip()
     question = question[0].upper() + question[1:] + ("" if question.endswith("?") else "?")
-    return MCItem(
+    return _mc_item(
         id="",
         prompt=f"{row['passage'].strip()}\nQuestion: {question}\nAnswer:",
         choices=[" no", " yes"],
@@ -293,7 +292,7 @@ def _sciq(row: dict) -> MCItem:
     order = random.Random(row["question"]).sample(range(4), 4)
     choices = [f" {options[i].strip()}" for i in order]
     support = row.get("support", "").strip()
-    return MCItem(
+    return _mc_item(
         id="",
         prompt=(f"{support}\n" if support else "") + f"Question: {row['question'].strip()}\nAnswer:",
         choices=choices,
@@ -302,7 +301,7 @@ def _sciq(row: dict) -> MCItem:
 
 
 def _piqa(row: dict) -> MCItem:
-    return MCItem(
+    return _mc_item(
         id="",
         prompt=f"Goal: {row['goal'].strip()}\nSolution:",
         choices=[f" {row['sol1'].strip()}", f" {row['sol2'].strip()}"],
@@ -311,7 +310,7 @@ def _piqa(row: dict) -> MCItem:
 
 
 def _social_iqa(row: dict) -> MCItem:
-    return MCItem(
+    return _mc_item(
         id="",
         prompt=f"{row['context'].strip()}\nQuestion: {row['question'].strip()}\nAnswer:",
         choices=[f" {row[k].strip()}" for k in ("answerA", "answerB", "answerC")],
@@ -320,7 +319,7 @@ def _social_iqa(row: dict) -> MCItem:
 
 
 def _sst2(row: dict) -> MCItem:
-    return MCItem(
+    return _mc_item(
         id=str(row.get("idx", "")),
         prompt=f"{row['sentence'].strip()}\nQuestion: Is this sentence positive or negative?\nAnswer:",
         choices=[" negative", " positive"],
@@ -329,7 +328,7 @@ def _sst2(row: dict) -> MCItem:
 
 
 def _prompt_choices(row: dict) -> MCItem:
-    return MCItem(
+    return _mc_item(
         id=str(row.get("id", "")), prompt=row["prompt"], choices=list(row["choices"]), label=int(row["label"])
     )
 

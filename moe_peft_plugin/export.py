@@ -13,6 +13,7 @@ exactly the same. A weighted set of experts `sum_e w_e * scaling * B_e A_e x` is
   its quality loss is measured on held-out text and printed.
 
 The weights are read straight from the adapter file, so an export without a quality measurement needs no model.
+`moe-peft export` is the command line of this module; mistakes in its input raise [`MoeLoraExportError`].
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .errors import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class MoeLoraExportError(ValueError):
+    """The adapter or the selection of experts and layers cannot be exported (the message says why)."""
 
 
 @dataclass
@@ -47,19 +53,19 @@ def read_moelora(adapter_dir: str) -> tuple[dict, dict[str, ExpertWeights]]:
     """(adapter config, {module name relative to the base model: ExpertWeights}) of a saved MOELORA adapter."""
     from peft.utils import load_peft_weights
 
-    from .models import adapter_config
-
-    config = adapter_config(adapter_dir)
+    config = read_adapter_config(adapter_dir)
     if config.get("peft_type") != "MOELORA":
-        raise UserError(f"{adapter_dir!r} holds a {config.get('peft_type')} adapter, not a MOELORA adapter.")
+        raise MoeLoraExportError(f"{adapter_dir!r} holds a {config.get('peft_type')} adapter, not a MOELORA adapter.")
     for name in ("modules_to_save", "trainable_token_indices"):
         if config.get(name):
-            raise UserError(
+            raise MoeLoraExportError(
                 f"The adapter trains `{name}`={config[name]!r}, which a plain LoRA export cannot carry; export is "
                 "only supported for adapters whose trained weights are all in the experts."
             )
     if config.get("bias", "none") != "none":
-        raise UserError(f"The adapter trains biases (bias={config['bias']!r}), which a LoRA export cannot carry.")
+        raise MoeLoraExportError(
+            f"The adapter trains biases (bias={config['bias']!r}), which a LoRA export cannot carry."
+        )
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     state = load_peft_weights(adapter_dir, device="cpu")
@@ -75,8 +81,17 @@ def read_moelora(adapter_dir: str) -> tuple[dict, dict[str, ExpertWeights]]:
         lora_B = state[key[: -len("moelora_A")] + "moelora_B"]
         experts[module] = ExpertWeights(lora_A.float(), lora_B.float(), scaling)
     if not experts:
-        raise UserError(f"{adapter_dir!r} contains no MOELORA expert weights.")
+        raise MoeLoraExportError(f"{adapter_dir!r} contains no MOELORA expert weights.")
     return config, experts
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    """The `adapter_config.json` of a saved adapter folder, as a dict."""
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise MoeLoraExportError(f"{adapter_dir!r} is not a saved adapter folder (no {ADAPTER_CONFIG}).")
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def layer_index(module: str) -> Optional[int]:
@@ -98,7 +113,7 @@ def parse_layers(spec: Optional[str]) -> Optional[set[int]]:
             elif part:
                 layers.add(int(part))
         except ValueError as err:
-            raise UserError(f"--layers must look like '0-3,7', got {spec!r}.") from err
+            raise MoeLoraExportError(f"Layers must look like '0-3,7', got {spec!r}.") from err
     return layers
 
 
@@ -113,11 +128,13 @@ def resolve_experts(specs: Sequence[Union[int, str]], names: Optional[Sequence[s
             index = list(names).index(spec)
         else:
             known = f"the names {list(names)} or " if names else ""
-            raise UserError(f"Unknown expert {spec!r}: give {known}indices 0..{max_experts - 1}.")
+            raise MoeLoraExportError(f"Unknown expert {spec!r}: give {known}indices 0..{max_experts - 1}.")
         if not 0 <= index < max_experts:
-            raise UserError(f"Expert index {index} is out of range: the adapter has at most {max_experts} experts.")
+            raise MoeLoraExportError(
+                f"Expert index {index} is out of range: the adapter has at most {max_experts} experts."
+            )
         if index in indices:
-            raise UserError(f"Expert {spec!r} is given twice.")
+            raise MoeLoraExportError(f"Expert {spec!r} is given twice.")
         indices.append(index)
     return indices
 
@@ -149,7 +166,7 @@ def build_lora_state(
         state[f"base_model.model.{module}.lora_B.weight"] = lora_B.contiguous()
         ranks[module] = lora_A.shape[0]
     if not state:
-        raise UserError("Nothing to export: no adapted layer matches the given experts and layers.")
+        raise MoeLoraExportError("Nothing to export: no adapted layer matches the given experts and layers.")
     return state, ranks
 
 
@@ -282,10 +299,8 @@ def measure_quality(
     """NLL of the base model, the MOELORA adapter and the exported LoRA on `pairs` (loaded one after the other)."""
     from peft import PeftModel
 
-    from .models import load_adapter
-
     base_nll, tokens = completion_nll(base_model, tokenizer, pairs, batch_size)
-    moe = load_adapter(base_model, moelora_dir)
+    moe = PeftModel.from_pretrained(base_model, moelora_dir, is_trainable=False).eval()
     moe_nll, _ = completion_nll(moe, tokenizer, pairs, batch_size)
     base_model = moe.unload()
     lora = PeftModel.from_pretrained(base_model, lora_dir).eval()

