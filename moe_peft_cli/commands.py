@@ -122,7 +122,7 @@ def inspect_command(options) -> int:
     stats = collect_routing(model, tokenizer, texts, batch_size=options.batch_size)
     if options.modules:
         pattern = re.compile(options.modules)
-        stats = [s for s in stats if pattern.search(s.name)]
+        stats = {name: s for name, s in stats.items() if pattern.search(name)}
         if not stats:
             raise UserError(f"No adapted layer matches --modules {options.modules!r}.")
     names = config.get("expert_names")
@@ -231,12 +231,13 @@ def _export(options) -> int:
         log(f"estimating the expected gates over {len(calibration)} calibration texts ...")
         stats = collect_routing(model, tokenizer, [p + c for p, c in calibration])
         weights = {}
-        for s in stats:
+        for module in experts:  # a layer without a router (a single expert) has the gate 1
             gate = np.zeros(max_experts)
-            chosen = [e for e in selected if e < s.num_experts]
-            total = s.gate[chosen].sum()
-            gate[chosen] = s.gate[chosen] / total if total > 0 else 1.0 / len(chosen)
-            weights[s.name] = gate
+            mean_gate = stats[module].mean_gate.double().cpu().numpy() if module in stats else np.ones(1)
+            chosen = [e for e in selected if e < len(mean_gate)]
+            total = mean_gate[chosen].sum()
+            gate[chosen] = mean_gate[chosen] / total if total > 0 else 1.0 / len(chosen)
+            weights[module] = gate
         mode = {"mode": "merge", "weights": "expected gates E_t[g_e], renormalised over the exported experts"}
     else:
         values = [1.0] if options.expert is not None else _parse_weights(options.weights, len(selected))

@@ -205,11 +205,11 @@ def test_collect_routing_agrees_with_the_layers_own_statistics(tiny_model_dir, m
         peft_model(**batch)
     own = peft_model.base_model.get_routing_stats()
     assert len(stats) == len(own) == 12
-    for layer in stats:
-        expected = own[layer.name]["default"].expert_load.numpy()
-        np.testing.assert_allclose(layer.load, expected, atol=1e-5)
-        assert layer.gate.sum() == pytest.approx(1.0, abs=1e-5)
-        assert layer.tokens == batch["input_ids"].numel()
+    for name, layer in stats.items():
+        expected = own[name]["default"].expert_load.numpy()
+        np.testing.assert_allclose(layer.expert_load.numpy(), expected, atol=1e-5)
+        assert float(layer.mean_gate.sum()) == pytest.approx(1.0, abs=1e-5)
+        assert int(layer.num_tokens) == batch["input_ids"].numel()
 
 
 def test_inspect_command_writes_table_json_and_png(tiny_model_dir, moelora_dir, tmp_path, capsys):
