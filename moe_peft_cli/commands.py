@@ -247,7 +247,7 @@ def _export(options) -> int:
             w[selected] = values
             weights[module] = w
         mode = {"mode": "expert" if options.expert is not None else "subset", "weights": values}
-    state, ranks = build_lora_state(experts, weights, selected, layers)
+    state, ranks = build_lora_state(experts, weights, selected, layers, config.get("layers_pattern"))
     export_info = {
         "source_adapter": os.path.abspath(options.adapter),
         "experts": [names[e] if names and e < len(names) else e for e in selected],

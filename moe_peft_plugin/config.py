@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -81,6 +83,35 @@ def mola_group_sizes(num_layers: int, num_groups: int) -> list[int]:
     for group in outside_in[:extra]:
         sizes[group] += 1
     return sizes
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """LoRA's output scale: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (as peft's LoRA computes it)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def split_layer_name(key: str, layers_pattern: Union[str, list[str], None] = None) -> tuple[Optional[int], str]:
+    """`(index of the decoder layer, name inside the layer)` of module `key`, e.g. `"model.layers.12.self_attn.q_proj"`
+    -> `(12, "self_attn.q_proj")`; `(None, key)` outside numbered layers.
+
+    The same rule as peft's `layers_to_transform`: the first number after a named container (`layers`, GPT-2's `h`,
+    ...), or after one of `layers_pattern` when it is set. MoLA's per-layer expert counts, `moe-peft export --layers`
+    and the routing figures all number layers this way.
+    """
+    if not layers_pattern:
+        match = re.match(r"(?P<head>.*?\.[^.]*\.)(?P<idx>\d+)\.(?P<rest>.+)$", key)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?P<head>(?:^|.*?\.){pattern}\.)(?P<idx>\d+)\.(?P<rest>.+)$", key)
+            if match is not None:
+                break
+    return (int(match.group("idx")), match.group("rest")) if match else (None, key)
+
+
+def layer_index(key: str, layers_pattern: Union[str, list[str], None] = None) -> Optional[int]:
+    """Index of the decoder layer that module `key` belongs to (see [`split_layer_name`])."""
+    return split_layer_name(key, layers_pattern)[0]
 
 
 def expand_per_layer(name: str, value: int | list[int], num_layers: int) -> list[int]:

@@ -28,6 +28,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .config import layer_index, lora_scaling
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -67,7 +69,7 @@ def read_moelora(adapter_dir: str) -> tuple[dict, dict[str, ExpertWeights]]:
             f"The adapter trains biases (bias={config['bias']!r}), which a LoRA export cannot carry."
         )
     r, alpha = config["r"], config["lora_alpha"]
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    scaling = lora_scaling(alpha, r, bool(config.get("use_rslora")))
     state = load_peft_weights(adapter_dir, device="cpu")
     experts: dict[str, ExpertWeights] = {}
     for key, lora_A in state.items():
@@ -92,11 +94,6 @@ def read_adapter_config(adapter_dir: str) -> dict:
         raise MoeLoraExportError(f"{adapter_dir!r} is not a saved adapter folder (no {ADAPTER_CONFIG}).")
     with open(path) as handle:
         return json.load(handle)
-
-
-def layer_index(module: str) -> Optional[int]:
-    match = re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", f".{module}")
-    return int(match.group(1)) if match else None
 
 
 def parse_layers(spec: Optional[str]) -> Optional[set[int]]:
@@ -144,17 +141,19 @@ def build_lora_state(
     weights: dict[str, np.ndarray],
     selected: Sequence[int],
     layers: Optional[set[int]] = None,
+    layers_pattern: Union[str, list[str], None] = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:  # noqa: F821
     """peft LoRA tensors (`base_model.model.<module>.lora_A.weight`, ...) and the rank of each module.
 
     `weights[module][e]` is the weight of expert e in that module; only the `selected` experts are exported, and
-    experts with weight 0 are dropped (they contribute nothing).
+    experts with weight 0 are dropped (they contribute nothing). `layers` keeps only those decoder layers, numbered
+    as the adapter's MoLA layers are (`layers_pattern` of its config).
     """
     import torch
 
     state, ranks = {}, {}
     for module, expert in experts.items():
-        if layers is not None and layer_index(module) not in layers:
+        if layers is not None and layer_index(module, layers_pattern) not in layers:
             continue
         keep = [e for e in selected if e < expert.num_experts and weights[module][e] != 0]
         if not keep:
@@ -291,19 +290,3 @@ class QualityReport:
                 f"{100 * self.retained:.0f}% of the adapter's loss improvement over the base model",
             ]
         )
-
-
-def measure_quality(
-    base_model, tokenizer, moelora_dir: str, lora_dir: str, pairs, batch_size: int = 8
-) -> QualityReport:
-    """NLL of the base model, the MOELORA adapter and the exported LoRA on `pairs` (loaded one after the other)."""
-    from peft import PeftModel
-
-    base_nll, tokens = completion_nll(base_model, tokenizer, pairs, batch_size)
-    moe = PeftModel.from_pretrained(base_model, moelora_dir, is_trainable=False).eval()
-    moe_nll, _ = completion_nll(moe, tokenizer, pairs, batch_size)
-    base_model = moe.unload()
-    lora = PeftModel.from_pretrained(base_model, lora_dir).eval()
-    export_nll, _ = completion_nll(lora, tokenizer, pairs, batch_size)
-    lora.unload()
-    return QualityReport(base_nll, moe_nll, export_nll, tokens)

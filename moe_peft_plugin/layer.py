@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import losses
-from .config import MoeLoraConfig
+from .config import MoeLoraConfig, lora_scaling
 from .routing import (
     RoutingOptions,
     expert_down,
@@ -98,10 +98,7 @@ class MoeLoraLayer(BaseTunerLayer):
         self.num_experts[adapter_name] = num_experts
         self.top_k[adapter_name] = top_k
         # MoLE experts have their own LoRA scaling folded into B and come with lora_alpha = r, i.e. a scaling of 1.
-        if config.use_rslora:
-            self.scaling[adapter_name] = config.lora_alpha / math.sqrt(r)
-        else:
-            self.scaling[adapter_name] = config.lora_alpha / r
+        self.scaling[adapter_name] = lora_scaling(config.lora_alpha, r, config.use_rslora)
         self.routing_options[adapter_name] = RoutingOptions.from_config(config)
         self.expert_mask[adapter_name] = None
         self.moelora_dropout[adapter_name] = (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Union
 
@@ -21,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput
 
-from .config import MoeLoraConfig, expand_per_layer
+from .config import MoeLoraConfig, expand_per_layer, layer_index
 from .constants import PREFIX
 from .layer import MERGE_ERROR_MESSAGE, Linear, MoeLoraLayer, MoeLoraMergeError
 from .mole import LoraExperts, check_target_modules, load_lora_experts
@@ -41,19 +40,6 @@ def _get_tuner_layer_class(target_base_layer: nn.Module) -> Optional[type[MoeLor
     if backend is not None and backend.layer_type == "linear":
         return Linear
     return None
-
-
-def _layer_index(key: str, layers_pattern: Union[str, list[str], None]) -> Optional[int]:
-    """Index of the decoder layer that module `key` belongs to (same rules as peft's `layers_to_transform`)."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    return int(match.group("idx")) if match else None
 
 
 def _device_of(outputs: Any, context: ForwardContext) -> torch.device:
@@ -162,7 +148,7 @@ class MoeLoraModel(BaseTuner):
         num_experts, top_k = config.num_experts, config.top_k
         if isinstance(num_experts, int) and isinstance(top_k, int):
             return num_experts, min(top_k, num_experts)
-        index = _layer_index(key, config.layers_pattern)
+        index = layer_index(key, config.layers_pattern)
         if index is None:
             raise ValueError(
                 f"`num_experts`/`top_k` are per-layer lists, but the module {key!r} is not inside a numbered layer; "

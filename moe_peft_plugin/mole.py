@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -14,6 +13,8 @@ from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_tar
 from peft.utils import load_peft_weights
 from peft.utils.other import get_pattern_key
 from torch import nn
+
+from .config import lora_scaling
 
 
 _LORA_A_SUFFIX = ".lora_A.weight"
@@ -80,7 +81,7 @@ def _load_lora(path: str) -> tuple[LoraConfig, dict[str, tuple[torch.Tensor, tor
 
 def _scaling(config: LoraConfig, module: str, rank: int) -> float:
     alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), module), config.lora_alpha)
-    return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+    return lora_scaling(alpha, rank, config.use_rslora)
 
 
 def load_lora_experts(model: nn.Module, paths: list[str]) -> LoraExperts:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -24,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from moe_peft_plugin import TaskRouting
+from moe_peft_plugin.config import split_layer_name
 
 
 MAX_INCHES = 16.0  # at 100 dpi: at most 1600 px on each side
@@ -31,16 +31,12 @@ DPI = 100
 # Colour scale of a load relative to fair share (load x E), symmetric in log space around 1.
 RELATIVE_LOAD_RANGE = (0.25, 4.0)
 
-# "model.layers.12.self_attn.q_proj" -> ("model", 12, "self_attn.q_proj"); GPT-2 `h.N`, T5/ViT `block(s).N` alike.
-_LAYER_PATTERN = re.compile(r"^(?:(?P<prefix>.*?)\.)?(?:layers|layer|h|blocks|block)\.(?P<index>\d+)\.(?P<rest>.+)$")
-
 
 def layer_index_and_type(name: str) -> tuple[Optional[int], str]:
-    """`"model.layers.12.self_attn.q_proj"` -> `(12, "self_attn.q_proj")`; `(None, name)` outside numbered layers."""
-    match = _LAYER_PATTERN.match(name)
-    if match is None:
-        return None, name
-    return int(match["index"]), match["rest"]
+    """`"model.layers.12.self_attn.q_proj"` -> `(12, "self_attn.q_proj")`; `(None, name)` outside numbered layers.
+
+    The layer numbering of the core (`moe_peft_plugin.config.split_layer_name`, peft's `layers_to_transform` rule)."""
+    return split_layer_name(name)
 
 
 @dataclass
@@ -57,13 +53,13 @@ class _Grouped:
 def _group(names: Sequence[str]) -> _Grouped:
     cells, types, layers, other = {}, {}, set(), []
     for name in names:
-        match = _LAYER_PATTERN.match(name)
-        if match is None:
+        index, rest = split_layer_name(name)
+        if index is None:
             other.append(name)
             continue
         # Modules of different stacks (an encoder and a decoder, a vision tower) are different types.
-        key = f"{match['prefix'] or ''}|{match['rest']}"
-        index = int(match["index"])
+        prefix = name[: len(name) - len(rest) - len(str(index)) - 2].rsplit(".", 1)[0]
+        key = f"{prefix}|{rest}"
         types.setdefault(key, None)
         layers.add(index)
         cells[(index, key)] = name
