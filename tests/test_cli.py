@@ -544,3 +544,74 @@ def test_help_trainer_shows_the_defaults_of_train(capsys, no_data_preparation):
     assert "--moelora_aux_loss_coef" not in out  # one flag per setting: --aux_loss_coef
     assert main(["train", "--recipe", "mola", "--help-trainer"]) == 0
     assert "(default: [2, 4, 6, 8])" in " ".join(capsys.readouterr().out.split())
+
+
+HELLASWAG_ROW = {
+    "ind": 24,
+    "activity_label": "Roof shingle removal",
+    "ctx_a": "A man is sitting on a roof.",
+    "ctx_b": "he",
+    "endings": ["is using wrap to wrap a pair of skis.", "starts pulling up [step] roofing on a roof."],
+    "label": "1",
+}
+WINOGRANDE_ROW = {
+    "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+    "option1": "Sarah",
+    "option2": "Maria",
+    "answer": "2",
+}
+
+
+def test_hellaswag_and_winogrande_rows_become_cloze_questions():
+    item = cli_data.BENCHMARKS["hellaswag"].format(HELLASWAG_ROW)
+    assert item.prompt == "Roof shingle removal: A man is sitting on a roof. He"
+    assert item.choices == [" is using wrap to wrap a pair of skis.", " starts pulling up roofing on a roof."]
+    assert item.label == 1
+    item = cli_data.BENCHMARKS["winogrande"].format(WINOGRANDE_ROW)
+    assert item.prompt.startswith("Sarah was a much better surgeon") and item.prompt.endswith("\nAnswer:")
+    assert item.choices == [" Sarah", " Maria"] and item.label == 1
+    assert set(cli_data.COMMONSENSE_TASKS) <= set(cli_data.BENCHMARKS) and len(cli_data.COMMONSENSE_TASKS) == 8
+
+
+def test_mixture_splits_every_task_and_interleaves_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_PEFT_CACHE", str(tmp_path / "cache"))
+    sizes = {"arc_easy": 40, "boolq": 25, "piqa": 60}
+
+    def fake_load(name):
+        return [_mc_item_for_tests(f"{name} question {i}?", i % 2) for i in range(sizes[name])]
+
+    monkeypatch.setattr(cli_data, "load_benchmark", fake_load)
+    mixture = cli_data.prepare_mixture(list(sizes), eval_size=10, validation_size=5, max_train_per_task=30, seed=0)
+    meta = mixture.meta
+    for task, total in sizes.items():
+        parts = {
+            split: cli_data.load_mc_file(str(mixture.mc_file(task, split)))
+            for split in ("train", "validation", "eval")
+        }
+        assert [len(parts[s]) for s in ("validation", "eval")] == [5, 10]
+        assert len(parts["train"]) == min(total - 15, 30) == meta["sizes"][task]["train"]
+        prompts = [{item.prompt for item in parts[s]} for s in parts]
+        assert (
+            prompts[0].isdisjoint(prompts[1])
+            and prompts[0].isdisjoint(prompts[2])
+            and prompts[1].isdisjoint(prompts[2])
+        )
+    rows = [json.loads(line) for line in open(mixture.sft_dir / "train.jsonl")]
+    assert [row["task"] for row in rows[:6]] == ["arc_easy", "boolq", "piqa"] * 2  # interleaved
+    assert len(rows) == sum(meta["sizes"][t]["train"] for t in sizes)
+    assert all(row["prompt"].startswith(row["task"]) for row in rows)
+    # The same arguments give the same split (cached); bad task names are one clear error.
+    assert (
+        cli_data.prepare_mixture(list(sizes), eval_size=10, validation_size=5, max_train_per_task=30).root
+        == mixture.root
+    )
+    with pytest.raises(cli_data.UserError, match="distinct embedded benchmarks"):
+        cli_data.prepare_mixture(["arc_easy", "arc_easy"])
+    with pytest.raises(cli_data.UserError, match="unknown"):
+        cli_data.prepare_mixture(["nope"])
+
+
+def _mc_item_for_tests(prompt, label):
+    from moe_peft_plugin.evaluation import MCItem
+
+    return MCItem(id="", prompt=prompt, choices=[" yes", " no"], label=label)
