@@ -113,8 +113,8 @@ def test_ddp_router_losses_count_once_per_process_with_the_plain_trainer(ddp_run
 def test_plain_trainer_gradient_accumulation_counts_router_losses_per_micro_batch(accumulation, tmp_path):
     """The other half of the documented relation, in one process: with the plain `Trainer` and gradient accumulation
     over k micro-batches the router losses count k times (the Trainer leaves a loss normalised by the step's token
-    count undivided, and `outputs.aux_loss` is a per-micro-batch mean). `MoeLoraSFTTrainer` divides them by k
-    (tests/test_trainer.py)."""
+    count undivided, and `outputs.aux_loss` is a per-micro-batch mean). `MoeLoraSFTTrainer` divides them by k, and
+    `MoeLoraTrainerMixin` on this `Trainer` removes the extra copies (tests/test_trainer.py)."""
     import copy
 
     from datasets import Dataset

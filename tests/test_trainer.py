@@ -1,4 +1,5 @@
-"""MoeLoraSFTTrainer on a tiny Llama (CPU): router losses in the loss and the gradient, logging, callbacks, errors."""
+"""MoeLoraSFTTrainer (and MoeLoraTrainerMixin on the plain Trainer) on a tiny Llama (CPU): router losses in the loss
+and the gradient, logging, callbacks, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from trl import SFTConfig, SFTTrainer
 
 from moe_peft_plugin import MoeLoraConfig
@@ -22,6 +23,7 @@ from trainer_callbacks import (
     HEATMAP_FILENAME,
     MoeLoraSFTConfig,
     MoeLoraSFTTrainer,
+    MoeLoraTrainerMixin,
     RouterLoadHeatmapCallback,
     RoutingCollapseCallback,
 )
@@ -591,3 +593,65 @@ def test_router_load_heatmap_flag_parses_like_other_booleans(tmp_path, argv, exp
         ["--output_dir", str(tmp_path), "--bf16", "false", *argv]
     )
     assert args.router_load_heatmap is expected
+
+
+class _MoeLoraTrainer(MoeLoraTrainerMixin, Trainer):
+    """The mixin on the plain transformers `Trainer`, whose loss is `outputs.loss` (router losses already in it)."""
+
+
+def _plain_trainer_run(tmp_path, accumulation: int, compute_loss_func=None) -> tuple[dict, dict, list[dict]]:
+    """One optimizer step of `_MoeLoraTrainer` over `accumulation` identical rows; its gradients, a plain loop's
+    gradients of `outputs.loss` on one row (router losses counted once), and the logs."""
+    model, tokenizer = _peft_model(MOE_ALL_LOSSES)
+    pristine = copy.deepcopy(model)
+    ids = tokenizer(CORPUS[1])["input_ids"]
+    rows = {"input_ids": [ids] * accumulation, "attention_mask": [[1] * len(ids)] * accumulation}
+    rows["labels"] = rows["input_ids"]
+    capture, logs = _GradientCapture(), _LogCapture()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=1, max_steps=1, max_grad_norm=0.0,
+        gradient_accumulation_steps=accumulation, report_to=[], disable_tqdm=True, save_strategy="no",
+        logging_steps=1,
+    )  # fmt: skip
+    trainer = _MoeLoraTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict(rows), data_collator=default_data_collator,
+        callbacks=[capture, logs], compute_loss_func=compute_loss_func,
+    )  # fmt: skip
+    trainer.train()
+
+    reference = pristine.train()
+    reference(**{key: torch.tensor(value[:1]) for key, value in rows.items()}).loss.backward()
+    expected = {n: p.grad.detach().clone() for n, p in reference.named_parameters() if p.grad is not None}
+    return capture.grads[0], expected, logs.logs
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_mixin_with_the_plain_trainer_counts_router_losses_once(accumulation, tmp_path):
+    """`Trainer.compute_loss` returns `outputs.loss`, which includes the router losses: the mixin does not add them
+    again, and with gradient accumulation it removes the k - 1 extra copies the plain `Trainer` counts
+    (tests/test_distributed.py): the gradient equals one plain step on `outputs.loss`."""
+    got, expected, logs = _plain_trainer_run(tmp_path, accumulation)
+    router_keys = [k for k in expected if "moelora_router" in k]
+    assert len(router_keys) == 28 and all(got[k].abs().sum() > 0 for k in router_keys)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    logged = next(entry for entry in logs if "loss" in entry)
+    metrics = ("aux_loss", "load_balancing", "router_z", "contrastive", "entropy", "dead_experts")
+    assert all(np.isfinite(logged[f"router/{name}"]) for name in metrics), logged
+    assert logged["router/aux_loss"] > 0
+
+
+def test_mixin_with_the_plain_trainer_adds_router_losses_to_compute_loss_func(tmp_path):
+    """With `compute_loss_func` the `Trainer` builds the loss from the logits, without the router losses: the mixin
+    adds them, and the gradient equals a plain step on `outputs.loss`."""
+
+    def language_model_loss(outputs, labels, num_items_in_batch=None):
+        logits, labels = outputs.logits[:, :-1].float(), labels[:, 1:]
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    got, expected, logs = _plain_trainer_run(tmp_path, 1, compute_loss_func=language_model_loss)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert any("router/aux_loss" in entry for entry in logs)

@@ -1,4 +1,5 @@
-"""TRL integration of moe-peft-plugin: an `SFTTrainer` that trains MOELORA adapters right, and its callbacks.
+"""TRL integration of moe-peft-plugin: an `SFTTrainer` that trains MOELORA adapters right, the mixin that does it for
+any `Trainer`, and its callbacks.
 
 ```py
 import moe_peft_plugin  # registers MOELORA with peft
@@ -19,6 +20,7 @@ from .callbacks import (
 from .coefficients import RouterLossCoefficients
 from .config import MoeLoraSFTConfig
 from .distributed import configured_state, deepspeed_requested, setup_deepspeed_without_cuda
+from .mixin import MoeLoraTrainerMixin
 from .plots import save_expert_load_summary, save_specialisation_report
 from .sft_trainer import MoeLoraSFTTrainer
 from .stats import LoadHeatmap, RouterStatsTracker, RoutingWindow
@@ -30,6 +32,7 @@ __all__ = [
     "MoeLoraSFTConfig",
     "MoeLoraSFTTrainer",
     "MoeLoraTrainerCallback",
+    "MoeLoraTrainerMixin",
     "RouterLoadHeatmapCallback",
     "RouterLossCoefficients",
     "RouterLossWarmupCallback",

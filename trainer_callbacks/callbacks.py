@@ -1,7 +1,8 @@
 """Trainer callbacks for MOELORA training: router-loss warm-up, routing-collapse warning, expert-load heatmap.
 
-They work with [`MoeLoraSFTTrainer`], which binds them to its routing statistics and router-loss coefficients (also
-when they are passed in `callbacks=` or added with `trainer.add_callback`).
+They work with [`MoeLoraSFTTrainer`] (or any trainer with [`MoeLoraTrainerMixin`]), which binds them to its routing
+statistics and router-loss coefficients (also when they are passed in `callbacks=` or added with
+`trainer.add_callback`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .stats import LoadHeatmap
 
 
 if TYPE_CHECKING:
-    from .sft_trainer import MoeLoraSFTTrainer
+    from .mixin import MoeLoraTrainerMixin
 
 
 logger = logging.getLogger(__name__)
@@ -28,19 +29,19 @@ HEATMAP_FILENAME = "router_load_heatmap.png"
 
 
 class MoeLoraTrainerCallback(TrainerCallback):
-    """Base class of the callbacks that need a [`MoeLoraSFTTrainer`]; the trainer calls `bind` on them."""
+    """Base class of the callbacks that need a [`MoeLoraTrainerMixin`] trainer; the trainer calls `bind` on them."""
 
     def __init__(self) -> None:
-        self._trainer: Optional[MoeLoraSFTTrainer] = None
+        self._trainer: Optional[MoeLoraTrainerMixin] = None
 
-    def bind(self, trainer: MoeLoraSFTTrainer) -> None:
+    def bind(self, trainer: MoeLoraTrainerMixin) -> None:
         self._trainer = trainer
 
-    def _require_trainer(self) -> MoeLoraSFTTrainer:
+    def _require_trainer(self) -> MoeLoraTrainerMixin:
         if self._trainer is None:
             raise RuntimeError(
-                f"{type(self).__name__} needs the routing statistics of a `trainer_callbacks.MoeLoraSFTTrainer`; it was "
-                "not added to one."
+                f"{type(self).__name__} needs the routing statistics of a `trainer_callbacks.MoeLoraSFTTrainer` (or a "
+                "trainer with `MoeLoraTrainerMixin`); it was not added to one."
             )
         return self._trainer
 
