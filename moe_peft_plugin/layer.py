@@ -196,16 +196,21 @@ class Linear(nn.Module, MoeLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, num_experts=num_experts, top_k=top_k, experts=experts)
 
+    def _base_result(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output, cloned where a quantized backend returns a tensor the adapters must not modify."""
+        result = self.base_layer(x, *args, **kwargs)
+        if not self.disable_adapters and self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        return result
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         previous_dtype = x.dtype
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_result(x, *args, **kwargs)
         if self.disable_adapters:
             return result
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
         context, record = (None, False) if self._routing_state is None else self._routing_state.context_for_layer(self)
         for active_adapter in self.active_adapters:
             if active_adapter not in self.moelora_A:
@@ -306,11 +311,9 @@ class Linear(nn.Module, MoeLoraLayer):
                 "adapter name per sample ('__base__' for none)."
             )
         previous_dtype = x.dtype
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_result(x, *args, **kwargs)
         if self.disable_adapters:
             return result
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
         for adapter_name in dict.fromkeys(adapter_names):  # unique, in order
             if adapter_name not in self.moelora_A:
                 continue

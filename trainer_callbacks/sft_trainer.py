@@ -15,26 +15,10 @@ class MoeLoraSFTTrainer(MoeLoraTrainerMixin, SFTTrainer):
     `peft_config` may be a [`~moe_peft_plugin.MoeLoraConfig`], and `model` may be already wrapped with one. For any
     other model it behaves exactly like `SFTTrainer`.
 
-    It is [`MoeLoraTrainerMixin`] on `SFTTrainer`; what the mixin adds for a MOELORA model:
-
-    - **Router losses in the loss.** TRL builds the SFT loss from the log-probabilities of its fused LM head and ignores
-      `outputs.loss`, so the router losses (`outputs.aux_loss`, the weighted sum of every layer's losses) are added
-      here, scaled for gradient accumulation exactly as TRL scales the LM loss and its own MoE loss: a per-micro-batch
-      mean, divided by the number of accumulated micro-batches when the LM loss is normalised by the token count of the
-      whole step. They are added to the evaluation loss too. Because `outputs.aux_loss` carries MOELORA's gradient
-      anchor, the router gradient is the same with no gradient checkpointing, non-reentrant, selective and reentrant
-      checkpointing (which TRL forces for PEFT + ZeRO-3). If the loss forward returns no `aux_loss`, or the backward
-      pass never reaches it, training stops with an error instead of silently training the routers without their
-      losses.
-    - **Coefficients** from the adapter config, overridden by `MoeLoraSFTConfig.moelora_*_coef`, with an optional
-      warm-up (`moelora_loss_warmup_steps`, [`RouterLossWarmupCallback`]).
-    - **Metrics** through the normal `log()` (console, TensorBoard, every `report_to`), for training and evaluation
-      (`eval_` prefix): `router/aux_loss`, each unweighted component averaged over layers (`router/load_balancing`,
-      `router/router_z`, `router/contrastive`, `router/gate_balance`), `router/entropy`, `router/dead_experts`,
-      `router/max_load_imbalance`, and with `router_stats_logging="full"` `router/load/<layer>/<expert>`.
-    - **Callbacks**: [`RouterLoadHeatmapCallback`] (PNG per checkpoint and at the end; by default only when matplotlib
-      is installed, see `router_load_heatmap`) and [`RoutingCollapseCallback`] (warns when experts stop receiving
-      tokens).
+    It is [`MoeLoraTrainerMixin`] on `SFTTrainer` (see the mixin for what it adds: the router losses in the loss,
+    scaled for gradient accumulation and exact in every checkpointing mode; coefficient overrides and warm-up; routing
+    metrics; the heatmap and collapse callbacks; the routing in the model card). TRL builds the SFT loss from the
+    log-probabilities of its fused LM head and ignores `outputs.loss`, so the mixin adds `outputs.aux_loss` here.
 
     Example:
 
