@@ -39,18 +39,6 @@ from typing import Any, Optional
 import torch
 
 
-class _GradientCell:
-    """Holds the gradient that reached the `aux_loss` anchor of one forward."""
-
-    __slots__ = ("grad",)
-
-    def __init__(self) -> None:
-        self.grad: Optional[torch.Tensor] = None
-
-    def add(self, grad: torch.Tensor) -> None:
-        self.grad = grad if self.grad is None else self.grad + grad
-
-
 @dataclass
 class RoutingStats:
     """Routing of one adapter in one layer, over one forward or combined over several ([`RoutingStats.combine`]).
@@ -117,7 +105,7 @@ class ForwardContext:
 
     attention_mask: Optional[torch.Tensor] = None
     parent: Optional[ForwardContext] = None  # the enclosing forward, when forwards are nested
-    cell: _GradientCell = field(default_factory=_GradientCell)
+    aux_loss_grad: Optional[torch.Tensor] = None  # the gradient that reached this forward's `aux_loss` anchor
     # (layer, adapter name, statistics) of every routed layer, in the order they ran.
     records: list[tuple[torch.nn.Module, str, RoutingStats]] = field(default_factory=list)
     # Weighted losses recorded with their autograd graph, and the (layer, adapter) pairs that recorded them: those
@@ -164,12 +152,13 @@ class ForwardContext:
             torch.autograd.Variable._execution_engine.queue_callback(self._warn_without_router_loss_gradient)
 
     def _warn_without_router_loss_gradient(self) -> None:
-        if self.cell.grad is None and not self.state.warned_no_router_loss_gradient:
+        if self.aux_loss_grad is None and not self.state.warned_no_router_loss_gradient:
             self.state.warned_no_router_loss_gradient = True
             warnings.warn(NO_ROUTER_LOSS_GRADIENT_WARNING, UserWarning, stacklevel=2)
 
-    def aux_loss_reached(self) -> None:
-        """Called when the backward pass reaches this forward's `aux_loss`."""
+    def receive_aux_loss_grad(self, grad: torch.Tensor) -> None:
+        """Called when the backward pass reaches this forward's `aux_loss` anchor with `grad`."""
+        self.aux_loss_grad = grad if self.aux_loss_grad is None else self.aux_loss_grad + grad
 
         def finish() -> None:
             self.backward_finished = True
@@ -298,7 +287,7 @@ class _InjectRouterLoss(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         shape, dtype, device = ctx.loss_meta
         ctx.context.backward_reached_layers()
-        grad = ctx.context.cell.grad
+        grad = ctx.context.aux_loss_grad
         if grad is None:
             grad_loss = torch.zeros(shape, dtype=dtype, device=device)
         else:
@@ -326,8 +315,7 @@ class _AuxLossAnchor(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.context.cell.add(grad.detach() * ctx.scale)
-        ctx.context.aux_loss_reached()
+        ctx.context.receive_aux_loss_grad(grad.detach() * ctx.scale)
         return grad, None, None, None
 
 
