@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
@@ -176,6 +177,22 @@ class MoeLoraLayer(BaseTunerLayer):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
+
+
+def set_router_loss_coefficients(
+    layers: Iterable[MoeLoraLayer], adapter_name: Optional[str] = None, **coefficients: float
+) -> set[str]:
+    """Set router-loss coefficients of `adapter_name` (every adapter by default) in `layers`; returns the adapters
+    changed. Every value is checked against every layer before any layer changes."""
+    updates = [
+        (layer, name, options.with_coefficients(**coefficients))
+        for layer in layers
+        for name, options in layer.routing_options.items()
+        if adapter_name in (None, name)
+    ]
+    for layer, name, options in updates:
+        layer.routing_options[name] = options
+    return {name for _, name, _ in updates}
 
 
 class Linear(nn.Module, MoeLoraLayer):

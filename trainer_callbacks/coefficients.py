@@ -11,6 +11,7 @@ from typing import Optional
 from torch import nn
 
 from moe_peft_plugin import MoeLoraLayer
+from moe_peft_plugin.layer import set_router_loss_coefficients
 from moe_peft_plugin.routing import ROUTER_LOSS_COEFFICIENTS
 
 
@@ -46,19 +47,16 @@ class RouterLossCoefficients:
                 f"Router-loss coefficients {overrides} were set, but the model has no MOELORA adapter: pass a "
                 "`MoeLoraConfig` as `peft_config`, or a model wrapped with one."
             )
-        # Validate against every layer before changing any.
-        updated = [
-            (layer, adapter, options.with_coefficients(**overrides))
-            for layer in self.layers
-            for adapter, options in layer.routing_options.items()
-        ]
-        for layer, adapter, options in updated:
-            layer.routing_options[adapter] = options
+        set_router_loss_coefficients(self.layers, **overrides)
         if overrides:
             for config in _peft_configs(model):
                 for key, value in overrides.items():
                     setattr(config, key, float(value))
-        self._base = [(layer, adapter, options.coefficients) for layer, adapter, options in updated]
+        self._base = [
+            (layer, adapter, options.coefficients)
+            for layer in self.layers
+            for adapter, options in layer.routing_options.items()
+        ]
         self.scale = 1.0
 
     def set_scale(self, scale: float) -> None:
