@@ -121,16 +121,6 @@ def _env(**extra) -> dict:
     return {**env, "REPO_ROOT": str(ROOT), **extra}
 
 
-@pytest.fixture(scope="module")
-def jsonl_dataset(tmp_path_factory) -> str:
-    from .helpers import CORPUS
-
-    path = tmp_path_factory.mktemp("ds-data")
-    with open(path / "train.jsonl", "w") as handle:
-        handle.writelines(json.dumps({"text": text}) + "\n" for text in CORPUS)
-    return str(path)
-
-
 def _launcher(kind: str, port: int) -> list[str]:
     bin_dir = Path(sys.executable).parent
     if kind == "torchrun":

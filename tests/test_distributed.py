@@ -155,16 +155,6 @@ def test_plain_trainer_gradient_accumulation_counts_router_losses_per_micro_batc
         torch.testing.assert_close(capture.grads[key], wrong, rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.fixture(scope="module")
-def jsonl_dataset(tmp_path_factory) -> str:
-    import json
-
-    path = tmp_path_factory.mktemp("ddp-data")
-    with open(path / "train.jsonl", "w") as handle:
-        handle.writelines(json.dumps({"text": text}) + "\n" for text in CORPUS)
-    return str(path)
-
-
 @pytest.mark.slow
 def test_ddp_sft_script(tiny_model_dir, jsonl_dataset, tmp_path):
     """examples/sft_moelora.py under torchrun with `--use_cpu true`: DDP over gloo, SFTConfig's defaults otherwise
