@@ -224,3 +224,26 @@ def test_inspect_command_writes_table_json_and_png(tiny_model_dir, moelora_dir, 
     assert len(stats["layers"]) == 3 and stats["num_texts"] == 2
     with open(os.path.join(out, "routing_heatmap.png"), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_layers_are_numbered_like_mola_layers():
+    """`--layers` numbers decoder layers by the core rule (peft's `layers_to_transform`), honouring `layers_pattern`."""
+    from moe_peft_plugin.config import split_layer_name
+    from moe_peft_plugin.export import ExpertWeights, build_lora_state
+
+    assert split_layer_name("model.layers.12.self_attn.q_proj") == (12, "self_attn.q_proj")
+    assert split_layer_name("transformer.h.3.attn.c_attn") == (3, "attn.c_attn")
+    assert split_layer_name("lm_head") == (None, "lm_head")
+    # With a pattern, only that container counts: the encoder's inner `layer.0` is not the block index.
+    assert split_layer_name("encoder.block.2.layer.0.SelfAttention.q", "block") == (2, "layer.0.SelfAttention.q")
+    assert split_layer_name("encoder.block.2.layer.0.SelfAttention.q", "layer") == (0, "SelfAttention.q")
+
+    experts = {
+        name: ExpertWeights(torch.randn(2, 4, 8), torch.randn(2, 8, 4), 1.0)
+        for name in ("encoder.block.0.layer.1.q", "encoder.block.1.layer.0.q")
+    }
+    weights = {name: np.array([1.0, 0.0]) for name in experts}
+    state, _ = build_lora_state(experts, weights, [0, 1], layers={0}, layers_pattern="block")
+    assert {key.split(".lora_")[0] for key in state} == {"base_model.model.encoder.block.0.layer.1.q"}
+    state, _ = build_lora_state(experts, weights, [0, 1], layers={0}, layers_pattern="layer")
+    assert {key.split(".lora_")[0] for key in state} == {"base_model.model.encoder.block.1.layer.0.q"}
