@@ -84,6 +84,12 @@ class RunSpec:
     eval_size: int = 200
     inputs: list[str] = field(default_factory=list)  # runs whose adapters this one fuses or merges
     mask_experts: bool = False  # MoLE: also evaluate with each expert masked
+    # The multi-task setting: train on the mixture of `train_tasks` (the split of `moe-peft train`, padding-free
+    # batches), evaluate the first `eval_size` questions of each task's `eval_split` ("validation" for choices).
+    mixture: bool = False
+    eval_split: str = "eval"
+    router_lr_ratio: float = 1.0
+    probe_every: int = 0  # measure the task specialisation every this many steps (0: never)
 
     @property
     def run_dir(self) -> str:
@@ -112,7 +118,7 @@ def plan(studies: Sequence[str], seeds: Sequence[int], max_steps: int, eval_size
     eval_tasks = ([MOELORA_TASK] if {"moelora", "mola"} & set(studies) else []) + (
         list(MOLE_TASKS) if "mole" in studies else []
     )
-    runs = [RunSpec("base", "base", "base", 0, [], eval_tasks, **common)]  # the model without adapter
+    runs = [RunSpec("base", "base", "base", 0, [], eval_tasks, **common)] if eval_tasks else []  # no adapter
     for seed in seeds:
         if "moelora" in studies:
             runs += [
@@ -142,7 +148,30 @@ def plan(studies: Sequence[str], seeds: Sequence[int], max_steps: int, eval_size
                     RunSpec(name, "mole", "mole", seed, tasks, tasks, adapter, learning_rate=learning_rate,
                             inputs=inputs, mask_experts=seed == seeds[0], **common)
                 )  # fmt: skip
+    if "router" in studies:
+        runs += router_study(seeds, max_steps)
     return runs
+
+
+# The multi-task setting (`moe-peft train`'s default): the 8 commonsense tasks, interleaved.
+MIXTURE_PROBE_PER_TASK = 8  # validation questions per task routed for the specialisation over training
+ROUTER_LR_RATIOS = {"mix_moelora": 1.0, "mix_moelora_router_lr10": 10.0}
+
+
+def router_study(seeds: Sequence[int], max_steps: int) -> list[RunSpec]:
+    """Issue 10's ablation: do the routers learn, and does it help, with a router learning-rate multiplier? Chosen on
+    the validation questions (never the held-out ones)."""
+    from moe_peft_cli.data import COMMONSENSE_TASKS
+
+    tasks = list(COMMONSENSE_TASKS)
+    moe = dict(r=8, lora_alpha=16, target_modules="all-linear", num_experts=8, top_k=2, aux_loss_coef=AUX_LOSS_COEF,
+               contrastive_loss_coef=CONTRASTIVE_LOSS_COEF)  # fmt: skip
+    return [
+        RunSpec(name, "router", "moelora", seed, tasks, tasks, moe, max_steps=max_steps, max_length=0,
+                eval_size=100, mixture=True, eval_split="validation", router_lr_ratio=ratio, probe_every=30)
+        for seed in seeds
+        for name, ratio in ROUTER_LR_RATIOS.items()
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -176,10 +205,13 @@ def environment() -> dict:
     }
 
 
-def _train_dataset(tasks: Sequence[str], eval_size: int, seed: int):
+def _train_dataset(tasks: Sequence[str], eval_size: int, seed: int, mixture: bool = False):
     from datasets import concatenate_datasets, load_dataset
 
-    from moe_peft_cli.data import prepare_benchmark
+    from moe_peft_cli.data import prepare_benchmark, prepare_mixture
+
+    if mixture:  # the trainer's sampler shuffles it (data_seed)
+        return load_dataset("json", data_files=str(prepare_mixture(tasks).sft_dir / "train.jsonl"), split="train")
 
     parts = []
     for task in tasks:
@@ -204,9 +236,13 @@ def _peft_config(spec: RunSpec, work_dir: Path):
 def train(spec: RunSpec, work_dir: Path):
     """Train the run's adapter; returns (peft model, tokenizer, log history, seconds)."""
     from moe_peft_cli.models import load_base
-    from trainer_callbacks import MoeLoraSFTConfig, MoeLoraSFTTrainer
+    from trainer_callbacks import MoeLoraSFTConfig, MoeLoraSFTTrainer, TaskSpecialisationCallback
 
     model, tokenizer = load_base(None, "bfloat16")
+    callbacks = []
+    if spec.probe_every and spec.kind == "moelora":
+        probe = {task: mc_texts(task, "validation", MIXTURE_PROBE_PER_TASK) for task in spec.train_tasks}
+        callbacks.append(TaskSpecialisationCallback(probe, every_n_steps=spec.probe_every))
     args = MoeLoraSFTConfig(
         output_dir=str(work_dir / spec.run_dir / "trainer"),
         max_steps=spec.max_steps,
@@ -215,7 +251,10 @@ def train(spec: RunSpec, work_dir: Path):
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         weight_decay=0.0,
-        max_length=spec.max_length,
+        # Mixture: padding-free batches (exact with sdpa: transformers masks each packed sequence), no truncation.
+        max_length=None if spec.mixture else spec.max_length,
+        padding_free=spec.mixture,
+        moelora_router_lr_ratio=spec.router_lr_ratio,
         gradient_checkpointing=False,
         bf16=False,  # the model itself is bfloat16; autocast would need --use_cpu on CPU
         logging_steps=5,
@@ -230,14 +269,23 @@ def train(spec: RunSpec, work_dir: Path):
     trainer = MoeLoraSFTTrainer(
         model=model,
         args=args,
-        train_dataset=_train_dataset(spec.train_tasks, spec.eval_size, spec.seed),
+        train_dataset=_train_dataset(spec.train_tasks, spec.eval_size, spec.seed, spec.mixture),
         processing_class=tokenizer,
         peft_config=_peft_config(spec, work_dir),
+        callbacks=callbacks,
     )
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
     return trainer.model, tokenizer, list(trainer.state.log_history), seconds
+
+
+def mc_texts(task: str, split: str, count: int) -> list[str]:
+    """The first `count` questions of a task's split of the mixture, each with its correct answer."""
+    from moe_peft_cli.data import load_mc_file, prepare_mixture
+
+    items = load_mc_file(str(prepare_mixture().mc_file(task, split)))[:count]
+    return [item.prompt + item.choices[item.label] for item in items]
 
 
 def merge(spec: RunSpec, work_dir: Path):
@@ -260,13 +308,18 @@ def merge(spec: RunSpec, work_dir: Path):
     return model, tokenizer, [], 0.0
 
 
-def evaluate(model, tokenizer, tasks: Sequence[str], eval_size: int) -> dict:
-    from moe_peft_cli.data import load_mc_file, prepare_benchmark
+def evaluate(model, tokenizer, tasks: Sequence[str], eval_size: int, split: Optional[str] = None) -> dict:
+    """Accuracy per task on the held-out questions of the single-task split, or (`split`) on the first `eval_size`
+    questions of each task's split of the mixture."""
+    from moe_peft_cli.data import load_mc_file, prepare_benchmark, prepare_mixture
     from moe_peft_plugin.evaluation import score_items
 
     results = {}
     for task in tasks:
-        items = load_mc_file(str(prepare_benchmark(task, eval_size, seed=0).mc_eval))
+        if split is not None:
+            items = load_mc_file(str(prepare_mixture().mc_file(task, split)))[:eval_size]
+        else:
+            items = load_mc_file(str(prepare_benchmark(task, eval_size, seed=0).mc_eval))
         scores = score_items(model, tokenizer, items, batch_size=16, max_length=512, progress=False)
         correct = scores.correct("acc_char")
         results[task] = {"accuracy": float(correct.mean()), "n": len(correct), "correct": correct.tolist()}
@@ -380,10 +433,21 @@ def run_one(spec: RunSpec, work_dir: Path, out_dir: Path) -> dict:
         "train_seconds": round(seconds, 1),
         "trainable_params": trainable,
         "loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h],
-        "eval": evaluate(model, tokenizer, spec.eval_tasks, spec.eval_size),
+        "eval": evaluate(model, tokenizer, spec.eval_tasks, spec.eval_size, spec.eval_split if spec.mixture else None),
     }
+    if spec.mixture and spec.kind == "moelora":
+        result["routing_over_training"] = [
+            {key: h[key] for key in h if key == "step" or key.startswith("router/")}
+            for h in history
+            if any(key.startswith("router/") for key in h)
+        ]
     if spec.kind in ("moelora", "mole"):
-        result["routing"] = routing_measures(model, tokenizer, held_out_texts(spec.eval_tasks[0], spec.eval_size))
+        texts = (
+            mc_texts(spec.eval_tasks[0], "validation", 32)
+            if spec.mixture
+            else held_out_texts(spec.eval_tasks[0], spec.eval_size)
+        )
+        result["routing"] = routing_measures(model, tokenizer, texts)
     if spec.mask_experts:
         names = model.peft_config["default"].expert_names
         result["masked"] = {}
@@ -903,7 +967,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every missing run of the chosen studies, then write the report")
-    run.add_argument("--studies", nargs="+", choices=("moelora", "mola", "mole"), default=["moelora", "mola", "mole"])
+    run.add_argument("--studies", nargs="+", choices=("moelora", "mola", "mole", "router"),
+                     default=["moelora", "mola", "mole"])
     run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     run.add_argument("--max_steps", type=int, default=60)
     run.add_argument("--eval_size", type=int, default=200)

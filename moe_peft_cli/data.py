@@ -638,18 +638,23 @@ def interleave(groups: dict[str, list]) -> list[tuple[str, object]]:
     return result
 
 
+MIXTURE_EVAL_SIZE = 400
+MIXTURE_VALIDATION_SIZE = 100
+
+
 def prepare_mixture(
     tasks: Sequence[str] = COMMONSENSE_TASKS,
-    eval_size: int = 200,
-    validation_size: int = 50,
+    eval_size: int = MIXTURE_EVAL_SIZE,
+    validation_size: int = MIXTURE_VALIDATION_SIZE,
     max_train_per_task: Optional[int] = None,
     seed: int = 0,
 ) -> PreparedMixture:
     """Split each benchmark into (train, validation, eval) and write the multi-task mixture (see [`PreparedMixture`]).
 
-    Per task, `eval_size` questions are held out for reporting and `validation_size` more for development choices;
-    identical prompts never straddle a split. `max_train_per_task` caps the training questions of each task (the
-    large ones, e.g. HellaSwag's 10k, would otherwise dominate the mixture).
+    Per task, up to `eval_size` questions (at most a third of the task) are held out for reporting and up to
+    `validation_size` more (at most a sixth) for development choices; identical prompts never straddle a split. The
+    defaults are the split of `moe-peft train` and of the multi-task study (benchmarks/science.py), which evaluate
+    the first questions of each task's held-out part. `max_train_per_task` caps the training questions of each task.
     """
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in BENCHMARKS]
@@ -668,8 +673,8 @@ def prepare_mixture(
         splits = {}
         for task in tasks:
             items = load_benchmark(task)
-            train, held_out = split_items(items, eval_size, seed)
-            train, validation = split_items(train, validation_size, seed + 1)
+            train, held_out = split_items(items, min(eval_size, len(items) // 3), seed)
+            train, validation = split_items(train, min(validation_size, len(items) // 6), seed + 1)
             if max_train_per_task is not None:
                 train = train[:max_train_per_task]
             splits[task] = (train, validation, held_out)

@@ -588,8 +588,10 @@ def test_mixture_splits_every_task_and_interleaves_them(monkeypatch, tmp_path):
             split: cli_data.load_mc_file(str(mixture.mc_file(task, split)))
             for split in ("train", "validation", "eval")
         }
-        assert [len(parts[s]) for s in ("validation", "eval")] == [5, 10]
-        assert len(parts["train"]) == min(total - 15, 30) == meta["sizes"][task]["train"]
+        # At most a third of a task is held out and a sixth kept for validation (boolq: 25 questions -> 8 and 4).
+        held_out, validation = min(10, total // 3), min(5, total // 6)
+        assert [len(parts[s]) for s in ("validation", "eval")] == [validation, held_out]
+        assert len(parts["train"]) == min(total - held_out - validation, 30) == meta["sizes"][task]["train"]
         prompts = [{item.prompt for item in parts[s]} for s in parts]
         assert (
             prompts[0].isdisjoint(prompts[1])

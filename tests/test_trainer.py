@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from trl import SFTConfig, SFTTrainer
 
-from moe_peft_plugin import MoeLoraConfig
+from moe_peft_plugin import MoeLoraConfig, TaskRoutingAccumulator
 from trainer_callbacks import (
     HEATMAP_FILENAME,
     MoeLoraSFTConfig,
@@ -26,6 +26,7 @@ from trainer_callbacks import (
     MoeLoraTrainerMixin,
     RouterLoadHeatmapCallback,
     RoutingCollapseCallback,
+    TaskSpecialisationCallback,
 )
 
 from .helpers import CORPUS, build_tiny_llama
@@ -655,3 +656,70 @@ def test_mixin_with_the_plain_trainer_adds_router_losses_to_compute_loss_func(tm
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
     assert any("router/aux_loss" in entry for entry in logs)
+
+
+@pytest.mark.parametrize("learn_temperature", [False, True])
+def test_router_lr_ratio_scales_only_the_router_updates(learn_temperature, tmp_path):
+    """With SGD at a constant rate, one step moves every router (and learned temperature) by ratio x lr x grad and
+    every expert by lr x grad; no trainable parameter is left out of the optimizer or put in twice."""
+    moe = {**MOE_ALL_LOSSES, "learn_router_temperature": learn_temperature}
+    capture = _GradientCapture()
+    trainer = _trainer(tmp_path, moe=moe, callbacks=[capture], moelora_router_lr_ratio=10.0, optim="sgd",
+                       lr_scheduler_type="constant", weight_decay=0.0, max_steps=1)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    grouped = [id(p) for group in trainer.optimizer.param_groups for p in group["params"]]
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(id(p) for p in trainable)
+    gating = ("moelora_router", "moelora_log_temperature")
+    assert any("moelora_log_temperature" in n for n in before) == learn_temperature
+    for name, parameter in trainer.model.named_parameters():
+        if name not in before:
+            continue
+        lr = 1e-3 * (10.0 if any(g in name for g in gating) else 1.0)
+        expected = before[name] - lr * capture.grads[0][name]
+        torch.testing.assert_close(parameter.detach(), expected, rtol=1e-5, atol=1e-8, msg=name)
+        assert not torch.equal(parameter.detach(), before[name]), name
+
+
+def test_router_lr_ratio_refuses_an_optimizer_it_cannot_change(tmp_path):
+    model, tokenizer = _peft_model(MOE)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    args = MoeLoraSFTConfig(output_dir=str(tmp_path), **ARGS, moelora_router_lr_ratio=3.0)
+    with pytest.raises(ValueError, match="moelora_router_lr_ratio.*optimizers"):
+        MoeLoraSFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=tokenizer,
+                          optimizers=(optimizer, None))  # fmt: skip
+    with pytest.raises(ValueError, match="moelora_router_lr_ratio"):
+        MoeLoraSFTConfig(output_dir=str(tmp_path), moelora_router_lr_ratio=0.0)
+
+
+def test_task_specialisation_is_measured_over_training_and_logged(tmp_path):
+    probe = {"animals": CORPUS[:3], "adapters": CORPUS[3:6]}
+    callback = TaskSpecialisationCallback(probe, every_n_steps=2, batch_size=2)
+    trainer = _trainer(tmp_path, moe={**MOE, "init_weights": False}, callbacks=[callback], max_steps=5,
+                       logging_steps=2)  # fmt: skip
+    trainer.train()
+    assert [row["step"] for row in callback.history] == [0, 2, 4, 5]
+    # Each measurement reaches the next training log (step 0's is replaced by step 2's; the last one goes with the
+    # trainer's final summary log).
+    logged = [log for log in trainer.state.log_history if "router/specialisation" in log]
+    assert [log["step"] for log in logged] == [2, 4, 5]
+    assert logged[1]["router/specialisation"] == callback.history[2]["router/specialisation"]
+    for row in callback.history:
+        assert 0.0 <= row["router/specialisation_chance"] <= 1.0
+        assert 0.0 < row["router/specialisation"] <= row["router/specialisation_max"] <= 1.0
+    # The last measurement equals a direct one with the trained model in eval mode.
+    model, tokenizer = trainer.model, trainer.processing_class
+    model.eval()
+    model.base_model.record_sample_routing(True)
+    accumulator = TaskRoutingAccumulator(tasks=list(probe))
+    with torch.no_grad():
+        for task, texts in probe.items():
+            for begin in range(0, len(texts), 2):
+                batch = tokenizer(texts[begin : begin + 2], return_tensors="pt", padding=True)
+                model(**batch)
+                accumulator.add(model.base_model.get_routing_stats(), [task] * len(batch["input_ids"]),
+                                batch["attention_mask"])  # fmt: skip
+    values = [r.specialisation for r in accumulator.results().values()]
+    assert callback.history[-1]["router/specialisation"] == pytest.approx(np.mean(values), rel=1e-6)
+    assert callback.history[-1]["router/specialisation_max"] == pytest.approx(np.max(values), rel=1e-6)

@@ -15,6 +15,7 @@ from .callbacks import (
     RouterLoadHeatmapCallback,
     RouterLossWarmupCallback,
     RoutingCollapseCallback,
+    TaskSpecialisationCallback,
     save_load_heatmap,
 )
 from .coefficients import RouterLossCoefficients
@@ -39,6 +40,7 @@ __all__ = [
     "RouterStatsTracker",
     "RoutingCollapseCallback",
     "RoutingWindow",
+    "TaskSpecialisationCallback",
     "configured_state",
     "deepspeed_requested",
     "save_expert_load_summary",

@@ -1,4 +1,5 @@
-"""Trainer callbacks for MOELORA training: router-loss warm-up, routing-collapse warning, expert-load heatmap.
+"""Trainer callbacks for MOELORA training: router-loss warm-up, routing-collapse warning, expert-load heatmap, task
+specialisation over training.
 
 They work with [`MoeLoraSFTTrainer`] (or any trainer with [`MoeLoraTrainerMixin`]), which binds them to its routing
 statistics and router-loss coefficients (also when they are passed in `callbacks=` or added with
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -190,6 +192,90 @@ class RouterLoadHeatmapCallback(MoeLoraTrainerCallback):
         path = os.path.join(folder, self.filename)
         save_load_heatmap(heatmap, path, title=f"Expert load (share of routing decisions), step {state.global_step}")
         self.written.append(path)
+
+
+class TaskSpecialisationCallback(MoeLoraTrainerCallback):
+    """
+    Measure during training whether the experts specialise by task: every `every_n_steps` optimizer steps (and at the
+    first and the last step), route a fixed probe of texts of each task through the model (no gradient, eval mode)
+    and log, with the routing metrics of the next training log:
+
+    - `router/specialisation`: the task specialisation of each adapted layer (mutual information between task and
+      expert choice, normalised; [`~moe_peft_plugin.TaskRouting.specialisation`]), averaged over layers;
+    - `router/specialisation_max`: the most specialised layer;
+    - `router/specialisation_chance`: the average with the task labels shuffled (what a router that ignores the task
+      scores on a probe of this size).
+
+    Every measurement is also kept in `history` (a list of dicts with `step`), for plots after training. Use texts the
+    model does not train on (e.g. validation questions); a few per task suffice for the trend.
+
+    Args:
+        probe (`Mapping[str, Sequence[str]]`): the texts of each task.
+        every_n_steps (`int`, defaults to `25`): how often to measure.
+        batch_size (`int`, defaults to `8`): texts per forward.
+        max_length (`int`, defaults to `256`): truncation of the texts, in tokens.
+    """
+
+    def __init__(
+        self, probe: Mapping[str, Sequence[str]], every_n_steps: int = 25, batch_size: int = 8, max_length: int = 256
+    ) -> None:
+        super().__init__()
+        if not probe or any(not texts for texts in probe.values()):
+            raise ValueError("`probe` needs at least one text for each of at least one task.")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        self.probe = {task: list(texts) for task, texts in probe.items()}
+        self.every_n_steps = every_n_steps
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.history: list[dict] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            self._measure(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every_n_steps == 0 or state.global_step == state.max_steps:
+            self._measure(state)
+
+    def _measure(self, state) -> None:
+        import torch
+
+        from moe_peft_plugin import MoeLoraModel, TaskRoutingAccumulator
+
+        trainer = self._require_trainer()
+        model = trainer.model
+        tuner = getattr(model, "base_model", None)
+        if not isinstance(tuner, MoeLoraModel):
+            raise TypeError("TaskSpecialisationCallback needs a `PeftModel` with a MOELORA adapter.")
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        device = next(p for p in model.parameters()).device
+        accumulator = TaskRoutingAccumulator(tasks=list(self.probe), keep_samples=True)
+        was_training = model.training
+        model.eval()
+        tuner.record_sample_routing(True)
+        try:
+            with torch.no_grad():
+                for task, texts in self.probe.items():
+                    for begin in range(0, len(texts), self.batch_size):
+                        batch = tokenizer(texts[begin : begin + self.batch_size], return_tensors="pt", padding=True,
+                                          truncation=True, max_length=self.max_length).to(device)  # fmt: skip
+                        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                        accumulator.add(tuner.get_routing_stats(), [task] * len(batch["input_ids"]),
+                                        batch["attention_mask"])  # fmt: skip
+        finally:
+            tuner.record_sample_routing(False)
+            model.train(was_training)
+        values = [r.specialisation for r in accumulator.results().values()]
+        values = [v for v in values if np.isfinite(v)]
+        chance = [v for v in accumulator.chance_specialisation(num_permutations=3).values() if np.isfinite(v)]
+        metrics = {
+            "router/specialisation": float(np.mean(values)) if values else float("nan"),
+            "router/specialisation_max": float(np.max(values)) if values else float("nan"),
+            "router/specialisation_chance": float(np.mean(chance)) if chance else float("nan"),
+        }
+        self.history.append({"step": state.global_step, **metrics})
+        trainer.report_routing_metrics(metrics)
 
 
 def matplotlib_available() -> bool:

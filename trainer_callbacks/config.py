@@ -43,6 +43,13 @@ class MoeLoraSFTConfig(SFTConfig):
         moelora_loss_warmup_steps (`float`, *optional*, defaults to `0`):
             Ramp the router-loss coefficients linearly from 0 to their value over this many optimizer steps (an int
             >= 1), or over this fraction of the training steps (a float in (0, 1)). 0 disables the warm-up.
+        moelora_router_lr_ratio (`float`, *optional*, defaults to `1.0`):
+            The learning rate of the routers (and of learned router temperatures) as a multiple of `learning_rate`; the
+            experts keep `learning_rate`. The router's gradient is second order while the experts' B matrices are still
+            near zero, so at one learning rate the routers stay close to uniform (see the README's "Routers that
+            learn"); LoRA+ raises B's learning rate for a similar reason. The scheduler scales both rates alike. It
+            applies to the optimizer the trainer builds: not with `optimizers=(...)` passed in, nor with a DeepSpeed
+            config that defines its own optimizer (both raise).
         router_stats_logging (`str`, *optional*, defaults to `"summary"`):
             Routing metrics logged with the other training metrics (console, TensorBoard, every `report_to`):
             `"summary"` logs `router/aux_loss`, each loss component, `router/entropy`, `router/dead_experts` and
@@ -82,6 +89,10 @@ class MoeLoraSFTConfig(SFTConfig):
             "help": "Ramp the router-loss coefficients from 0 over this many steps (int >= 1) or this fraction of the "
             "training steps (float in (0, 1)). 0 disables the warm-up."
         },
+    )
+    moelora_router_lr_ratio: float = field(
+        default=1.0,
+        metadata={"help": "Learning rate of the routers as a multiple of learning_rate (experts keep learning_rate)."},
     )
     router_stats_logging: str = field(
         default="summary",
@@ -126,6 +137,10 @@ class MoeLoraSFTConfig(SFTConfig):
                 "`moelora_loss_warmup_steps` must be 0 (no warm-up), an int >= 1 (steps) or a float in (0, 1) (a "
                 f"fraction of the training steps), got {warmup!r}."
             )
+        ratio = self.moelora_router_lr_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+            raise ValueError(f"`moelora_router_lr_ratio` must be a float > 0 (1.0: the experts' rate), got {ratio!r}.")
+        self.moelora_router_lr_ratio = float(ratio)
         if self.router_stats_logging not in ROUTER_STATS_LOGGING:
             raise ValueError(
                 f"`router_stats_logging` must be one of {ROUTER_STATS_LOGGING}, got {self.router_stats_logging!r}."

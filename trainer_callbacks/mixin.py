@@ -175,6 +175,7 @@ class MoeLoraTrainerMixin:
         self.router_stats: Optional[RouterStatsTracker] = None
         self._capture: Optional[_LossForwardCapture] = None
         self._gradient_probe: Optional[_GradientProbe] = None
+        self._pending_routing_metrics: dict[str, float] = {}
         super().__init__(*args, **kwargs)
         self._setup_router_losses(self.args)
 
@@ -197,6 +198,7 @@ class MoeLoraTrainerMixin:
                 "model's routers are frozen under PEFT)."
             )
         self.router_loss_coefficients = coefficients
+        self._check_router_lr_ratio(args)
         self._routers_trainable = any(
             p.requires_grad for n, p in self.model.named_parameters() if "moelora_router" in n
         )
@@ -242,6 +244,56 @@ class MoeLoraTrainerMixin:
                 "will do nothing."
             )
         self._bind_callbacks()
+
+    def _check_router_lr_ratio(self, args: TrainingArguments) -> None:
+        """Refuse a router learning-rate ratio that the optimizer would not get (instead of ignoring it)."""
+        if _option(args, "moelora_router_lr_ratio") == 1.0:
+            return
+        if self.optimizer is not None:
+            raise ValueError(
+                "`moelora_router_lr_ratio` applies to the optimizer the trainer builds, but `optimizers=(...)` passed "
+                "one: give the routers their own param group in it, or leave `moelora_router_lr_ratio` at 1.0."
+            )
+        deepspeed_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if deepspeed_plugin is not None and "optimizer" in deepspeed_plugin.deepspeed_config:
+            raise ValueError(
+                "`moelora_router_lr_ratio` applies to the optimizer the trainer builds, but the DeepSpeed config "
+                "defines its own `optimizer`: remove that section (the trainer's optimizer then runs under DeepSpeed) "
+                "or leave `moelora_router_lr_ratio` at 1.0."
+            )
+
+    def create_optimizer(self, *args, **kwargs):
+        """The parent's optimizer, with the routers moved to param groups at `moelora_router_lr_ratio` x the rate.
+
+        Each param group of the parent is split in two with the same settings (weight decay, betas, ...), so the
+        routers keep everything but the learning rate; the scheduler, created afterwards, scales every group alike.
+        """
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        ratio = _option(self.args, "moelora_router_lr_ratio")
+        if not fresh or ratio == 1.0 or self.router_loss_coefficients is None:
+            return optimizer
+        router_ids = {
+            id(parameter)
+            for layer in self.router_loss_coefficients.layers
+            for name in ("moelora_router", "moelora_log_temperature")
+            for parameter in getattr(layer, name).values()
+        }
+        router_groups = []
+        for group in optimizer.param_groups:
+            routers = [p for p in group["params"] if id(p) in router_ids]
+            if routers:
+                group["params"] = [p for p in group["params"] if id(p) not in router_ids]
+                settings = {key: value for key, value in group.items() if key != "params"}
+                router_groups.append({**settings, "params": routers, "lr": group["lr"] * ratio})
+        if not router_groups:
+            raise ValueError(
+                f"`moelora_router_lr_ratio` is {ratio}, but the optimizer holds no router parameter (are the routers "
+                "frozen, or does this optimizer build its own parameter groups?)."
+            )
+        for group in router_groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def _has_callback(self, cls: type) -> bool:
         return any(isinstance(callback, cls) for callback in self.callback_handler.callbacks)
@@ -348,19 +400,29 @@ class MoeLoraTrainerMixin:
             )
         return loss
 
+    def report_routing_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Add training metrics measured outside the training forwards (e.g. by [`TaskSpecialisationCallback`]) to the
+        next training log, with the routing metrics."""
+        self._pending_routing_metrics.update(metrics)
+
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-        if self.router_stats is not None:
+        if self.router_stats is not None or self._pending_routing_metrics:
             mode = "train" if self.model.training else "eval"
             reduce = None
             if self.accelerator.num_processes > 1:
                 reduce = lambda tensor: self.accelerator.reduce(tensor, reduction="sum")  # noqa: E731
-            window = self.router_stats.flush(mode, reduce=reduce)
+            window = None if self.router_stats is None else self.router_stats.flush(mode, reduce=reduce)
+            metrics = {}
             if window is not None:
                 metrics = window.metrics(
                     self.router_stats.dead_expert_threshold, per_layer=self.router_stats.per_layer
                 )
                 if mode == "train" and _option(self.args, "moelora_loss_warmup_steps"):
                     metrics["router/loss_scale"] = self.router_loss_coefficients.scale
+            if mode == "train" and self._pending_routing_metrics:
+                metrics.update(self._pending_routing_metrics)
+                self._pending_routing_metrics.clear()
+            if metrics:
                 store = getattr(self, "_metrics", None)  # TRL's trainers average `_metrics[mode]` into the logs
                 if isinstance(store, Mapping) and mode in store:
                     for key, value in metrics.items():
