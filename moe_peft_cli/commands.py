@@ -7,9 +7,10 @@ import os
 import re
 from typing import TYPE_CHECKING, Optional
 
-from .data import BENCHMARKS, DEFAULT_BENCHMARK, load_mc_file, log, prepare_benchmark
+from .data import BENCHMARKS, DEFAULT_BENCHMARK, interleave, load_mc_file, log, prepare_benchmark
 from .errors import UserError
 from .models import adapter_config, base_model_of, check_device, load_adapter, load_base, run_info
+from .multitask import eval_mixture, mixture_items, mixture_tasks, task_titles
 
 
 if TYPE_CHECKING:
@@ -20,6 +21,13 @@ def _held_out_items(options, info: dict, split: str = "eval") -> tuple[list[MCIt
     """Questions from --data, --benchmark, the adapter's training run, or the default benchmark (held-out part)."""
     if getattr(options, "data", None):
         return load_mc_file(options.data), options.data
+    tasks = mixture_tasks(info)
+    if tasks and (not options.benchmark or options.benchmark in tasks):
+        # A multi-task run: its own split, so that no training question is ever used as held-out text.
+        chosen = [options.benchmark] if options.benchmark else tasks
+        by_task = mixture_items(chosen, options.eval_size, split)
+        name = "held-out" if split == "eval" else "training"
+        return [item for _, item in interleave(by_task)], f"{task_titles(chosen)}, {name} questions of the mixture"
     recorded = info.get("eval") or {}
     train_data = info.get("train_data") or {}
     benchmark = options.benchmark or recorded.get("benchmark") or train_data.get("benchmark") or DEFAULT_BENCHMARK
@@ -44,6 +52,9 @@ def eval_command(options) -> int:
     info = run_info(options.adapter)
     if options.adapter:
         adapter_config(options.adapter)  # fail early on a wrong folder
+    tasks = mixture_tasks(info)
+    if tasks and not options.data and not options.benchmark:
+        return eval_mixture(options, info, tasks)
     items, source = _held_out_items(options, info)
     if options.limit:
         items = items[: options.limit]

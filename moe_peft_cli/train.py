@@ -23,13 +23,19 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from .data import BENCHMARKS, DEFAULT_BENCHMARK, log
+from .data import BENCHMARKS, COMMONSENSE_TASKS, log
 from .errors import UserError
 from .models import RUN_FILE
 
 
-# The embedded default: ~15 minutes of training on 2 CPU cores (SmolLM2-135M-Instruct, bf16).
-DEFAULT_MAX_STEPS = 250
+# The embedded default: the 8 commonsense tasks at once, ~15 minutes of training and evaluation on 2 CPU cores
+# (SmolLM2-135M-Instruct, bf16). A single --benchmark trains longer on its one task, as before.
+DEFAULT_MAX_STEPS = 150
+SINGLE_TASK_MAX_STEPS = 250
+MIXTURE_EVAL_PER_TASK = 100  # held-out questions per task that the main job scores (of up to 400 held out)
+SINGLE_TASK_EVAL_SIZE = 200
+SPECIALISATION_PROBE_PER_TASK = 8  # validation questions per task routed every `SPECIALISATION_EVERY` steps
+SPECIALISATION_EVERY = 30
 EMBEDDED_DEFAULTS: dict[str, object] = {
     "dtype": "bfloat16",
     "lora_r": 8,
@@ -82,12 +88,22 @@ def add_arguments(parser) -> None:
     )
     group.add_argument(
         "--benchmark",
-        default=DEFAULT_BENCHMARK,
+        nargs="+",
+        default=None,
         choices=sorted(BENCHMARKS),
-        help="Embedded benchmark to train and evaluate on. Its questions are split into a training set and a held-out "
-        "evaluation set that training never sees.",
+        metavar="NAME",
+        help="Embedded benchmark(s) to train and evaluate on: one for a single-task run, several for a multi-task "
+        f"run. Default: the 8 commonsense tasks ({', '.join(COMMONSENSE_TASKS)}) at once. Each task's questions "
+        f"are split into training, validation and held-out questions that training never sees. Choices: "
+        f"{', '.join(sorted(BENCHMARKS))}.",
     )
-    group.add_argument("--eval_size", type=int, default=200, help="Held-out questions.")
+    group.add_argument(
+        "--eval_size",
+        type=int,
+        default=None,
+        help=f"Held-out questions to score: per task in a multi-task run (default {MIXTURE_EVAL_PER_TASK}, of up to "
+        f"400 held out), or the size of the held-out set of a single-task run (default {SINGLE_TASK_EVAL_SIZE}).",
+    )
     group.add_argument("--split_seed", type=int, default=0, help="Seed of the train/eval split.")
     group.add_argument(
         "--recipe",
@@ -144,12 +160,29 @@ def check_gpu_options(given: Mapping[str, Any]) -> None:
         raise UserError("--use_liger_kernel needs a CUDA GPU (Triton kernels); leave it out on CPU.")
 
 
+def benchmarks(options) -> list[str]:
+    """The embedded benchmarks of the run: `--benchmark`, or the 8 commonsense tasks."""
+    chosen = list(options.benchmark or COMMONSENSE_TASKS)
+    if len(set(chosen)) != len(chosen):
+        raise UserError(f"--benchmark names a task twice: {' '.join(chosen)}.")
+    return chosen
+
+
 def train_defaults(options, given: Mapping[str, Any]) -> dict[str, object]:
     """The parser defaults of `moe-peft train`: the embedded ones, then the recipe's. They apply to what `given` (the
     command line and its YAML file) leaves out; the model and data are filled in after parsing."""
     import torch
 
     defaults = dict(EMBEDDED_DEFAULTS)
+    own_data = bool(given.get("dataset_name") or given.get("datasets"))
+    tasks = benchmarks(options)
+    if len(tasks) == 1:
+        defaults["max_steps"] = SINGLE_TASK_MAX_STEPS
+    if not own_data and "max_length" not in given and "padding_free" not in given:
+        # The embedded questions are short but uneven (BoolQ's passages are 3x the others): padding-free batches
+        # cost what their tokens cost (2.4x faster than padded batches of the mixture here), and with `use_cache=False`
+        # transformers masks every packed question from the others (sdpa and eager alike; the loss is unchanged).
+        defaults.update(padding_free=True, max_length=None)
     if not torch.cuda.is_available():
         # TRL turns bf16 autocast on by default, which needs `--use_cpu` on CPU; the model itself is loaded in
         # bfloat16 (`--dtype`), which is what makes CPU training fast.
@@ -169,8 +202,8 @@ def train_defaults(options, given: Mapping[str, Any]) -> dict[str, object]:
 
         release_bitsandbytes_kernels_warning()
     if "output_dir" not in given:
-        own_data = bool(given.get("dataset_name") or given.get("datasets"))
-        name = f"{options.benchmark if not own_data else 'custom'}-{options.recipe}"
+        data_name = tasks[0] if len(tasks) == 1 else ("commonsense" if tasks == list(COMMONSENSE_TASKS) else "mixture")
+        name = f"{data_name if not own_data else 'custom'}-{options.recipe}"
         defaults["output_dir"] = os.path.join("moe-peft-output", name)
     return defaults
 
@@ -178,7 +211,7 @@ def train_defaults(options, given: Mapping[str, Any]) -> dict[str, object]:
 def prepare_model_and_data(options, given: Mapping[str, Any], script_args, model_args) -> dict:
     """Fill in the embedded model and training data where the user gave none, prepare the held-out questions, and
     return the run's metadata."""
-    from .data import default_model_dir, ensure_default_model, prepare_benchmark
+    from .data import default_model_dir, ensure_default_model, prepare_benchmark, prepare_mixture
 
     info: dict = {"recipe": options.recipe}
     if not given.get("model_name_or_path"):
@@ -190,21 +223,33 @@ def prepare_model_and_data(options, given: Mapping[str, Any], script_args, model
             ensure_default_model()
 
     own_data = bool(given.get("dataset_name") or given.get("datasets"))
-    eval_benchmark = options.eval_benchmark if own_data else (options.eval_benchmark or options.benchmark)
+    tasks = benchmarks(options)
+    if not own_data and len(tasks) > 1:
+        if options.eval_benchmark:
+            raise UserError("--eval_benchmark is for your own --dataset_name; a multi-task run evaluates its tasks.")
+        mixture = prepare_mixture(tasks, seed=options.split_seed)
+        script_args.dataset_name = str(mixture.sft_dir)
+        info["train_data"] = {"mixture": True, **mixture.meta}
+        if not options.skip_eval:
+            info["eval"] = {"mixture": True, "tasks": tasks, "eval_size": options.eval_size or MIXTURE_EVAL_PER_TASK,
+                            "split_seed": options.split_seed}  # fmt: skip
+        return info
+    eval_size = options.eval_size or SINGLE_TASK_EVAL_SIZE
+    eval_benchmark = options.eval_benchmark if own_data else (options.eval_benchmark or tasks[0])
     if not own_data:
-        prepared = prepare_benchmark(options.benchmark, options.eval_size, options.split_seed)
+        prepared = prepare_benchmark(tasks[0], eval_size, options.split_seed)
         script_args.dataset_name = str(prepared.sft_dir)
-        info["train_data"] = {"benchmark": options.benchmark, **prepared.meta}
+        info["train_data"] = {"benchmark": tasks[0], **prepared.meta}
     else:
         info["train_data"] = {"dataset_name": script_args.dataset_name}
     if eval_benchmark and not options.skip_eval:
         if eval_benchmark not in BENCHMARKS:
             raise UserError(f"Unknown --eval_benchmark {eval_benchmark!r}; choose from {', '.join(BENCHMARKS)}.")
-        prepared_eval = prepare_benchmark(eval_benchmark, options.eval_size, options.split_seed)
+        prepared_eval = prepare_benchmark(eval_benchmark, eval_size, options.split_seed)
         info["eval"] = {
             "benchmark": eval_benchmark,
             "file": str(prepared_eval.mc_eval),
-            "eval_size": options.eval_size,
+            "eval_size": eval_size,
             "split_seed": options.split_seed,
         }
         if own_data:
@@ -212,12 +257,29 @@ def prepare_model_and_data(options, given: Mapping[str, Any], script_args, model
     return info
 
 
+def specialisation_callbacks(info: Mapping) -> list:
+    """For a multi-task run: a callback that measures the task specialisation of the routers during training, on a
+    few validation questions of each task (never the held-out ones)."""
+    from trainer_callbacks import TaskSpecialisationCallback
+
+    from .multitask import mixture_items
+
+    if not info["train_data"].get("mixture"):
+        return []
+    items = mixture_items(info["train_data"]["tasks"], SPECIALISATION_PROBE_PER_TASK, "validation")
+    probe = {task: [item.prompt + item.choices[item.label] for item in task_items] for task, task_items in items.items()}
+    return [TaskSpecialisationCallback(probe, every_n_steps=SPECIALISATION_EVERY)]
+
+
 def sft_command(defaults: Mapping[str, object], given: Mapping[str, Any], filled: Mapping[str, object]) -> list[str]:
     """An SFT-script command line equivalent to the run (logged and recorded): every argument that the user, the
     embedded defaults or the filled-in model and data set, each once."""
     command: list[str] = []
     for name, value in {**defaults, **filled, **given}.items():
-        if name in MAIN_JOB_OPTIONS or value is None:
+        if name in MAIN_JOB_OPTIONS or (value is None and name not in defaults):
+            continue
+        if value is None:  # a default the main job chose (e.g. no max_length for padding-free batches)
+            command += [f"--{name}", "None"]
             continue
         if isinstance(value, dict):
             command += [f"--{name}", json.dumps(value)]
@@ -233,8 +295,11 @@ def sft_command(defaults: Mapping[str, object], given: Mapping[str, Any], filled
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def save_loss_curve(log_history: Sequence[dict], path: str, title: str = "Training loss") -> Optional[str]:
-    """Plot the training loss (and the router aux loss, when logged) per step to a PNG."""
+def save_loss_curve(
+    log_history: Sequence[dict], path: str, title: str = "Training loss", num_experts: Optional[int] = None
+) -> Optional[str]:
+    """Plot the training loss (and the router aux loss, when logged) per step to a PNG; below it, when logged, the
+    routing over training: router entropy / ln E and the task specialisation (mean and max over layers, chance)."""
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     if not points:
         return None
@@ -245,9 +310,10 @@ def save_loss_curve(log_history: Sequence[dict], path: str, title: str = "Traini
         from .errors import missing_package
 
         raise missing_package("matplotlib", "demo", "Writing the loss curve PNG") from err
-    figure = Figure(figsize=(7, 4), dpi=100)
+    routing = [h for h in log_history if "router/specialisation" in h or "router/entropy" in h]
+    figure = Figure(figsize=(7, 6.5 if routing else 4), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    axes = figure.add_subplot(2, 1, 1) if routing else figure.add_subplot()
     steps, losses = zip(*points)
     axes.plot(steps, losses, marker="o", markersize=2, label="training loss (LM + router losses)")
     eval_points = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
@@ -264,9 +330,39 @@ def save_loss_curve(log_history: Sequence[dict], path: str, title: str = "Traini
     axes.set_title(title, fontsize=10)
     axes.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper right", fontsize=8)
     axes.grid(alpha=0.3)
+    if routing:
+        _draw_routing_over_training(figure.add_subplot(2, 1, 2, sharex=axes), log_history, num_experts)
     figure.tight_layout()
     figure.savefig(path, format="png")
     return path
+
+
+def _draw_routing_over_training(axes, log_history: Sequence[dict], num_experts: Optional[int]) -> None:
+    """Mean router entropy (left axis, nats; ln E is uniform routing) and task specialisation (right axis) per step."""
+    import math
+
+    entropy = [(h["step"], h["router/entropy"]) for h in log_history if "router/entropy" in h]
+    handles = []
+    if entropy:
+        handles += axes.plot(*zip(*entropy), color="tab:gray", label="mean router entropy, nats (left)")
+        if num_experts:
+            handles.append(axes.axhline(math.log(num_experts), color="tab:gray", linestyle=":",
+                                        label=f"ln {num_experts}: uniform routing (left)"))  # fmt: skip
+    axes.set_ylabel("router entropy (nats)")
+    twin = axes.twinx()
+    for key, style, label in (
+        ("router/specialisation", "-o", "task specialisation, mean over layers"),
+        ("router/specialisation_max", "-s", "task specialisation, most specialised layer"),
+        ("router/specialisation_chance", "--", "chance level (shuffled tasks)"),
+    ):
+        values = [(h["step"], h[key]) for h in log_history if key in h]
+        if values:
+            handles += twin.plot(*zip(*values), style, markersize=3, label=label + " (right)")
+    twin.set_ylabel("specialisation")
+    axes.set_xlabel("optimizer step")
+    axes.set_title("Routing over training (validation questions for the specialisation)", fontsize=9)
+    axes.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper right", fontsize=7)
+    axes.grid(alpha=0.3)
 
 
 def run_eval_subprocess(output_dir: str, info: dict, batch_size: int) -> int:
@@ -279,8 +375,8 @@ def run_eval_subprocess(output_dir: str, info: dict, batch_size: int) -> int:
 def run(argv: Sequence[str], train_fn: Optional[Callable] = None) -> int:
     """The main job for the arguments after `moe-peft train`.
 
-    `train_fn(script_args, training_args, model_args, dataset_args, moe_args) -> trainer` replaces the SFT script's
-    `main` (tests).
+    `train_fn(script_args, training_args, model_args, dataset_args, moe_args, callbacks) -> trainer` replaces the SFT
+    script's `main` (tests).
     """
     from trainer_callbacks import sft_script  # torch, transformers and trl from here on
 
@@ -300,8 +396,11 @@ def run(argv: Sequence[str], train_fn: Optional[Callable] = None) -> int:
     filled = {"model_name_or_path": model_args.model_name_or_path, "dataset_name": script_args.dataset_name}
     command = sft_command(defaults, given, filled)
     log("training: " + " ".join(shlex.quote(a) for a in command))
+    callbacks = specialisation_callbacks(info)
     started = time.time()
-    trainer = (train_fn or sft_script.main)(script_args, training_args, model_args, dataset_args, moe_args)
+    trainer = (train_fn or sft_script.main)(
+        script_args, training_args, model_args, dataset_args, moe_args, callbacks=callbacks
+    )
     train_seconds = time.time() - started
     output_dir = trainer.args.output_dir
     if not getattr(trainer, "is_world_process_zero", lambda: True)():
@@ -318,8 +417,12 @@ def run(argv: Sequence[str], train_fn: Optional[Callable] = None) -> int:
     )
     with open(os.path.join(output_dir, RUN_FILE), "w") as handle:
         json.dump(info, handle, indent=1)
+    experts = getattr(moe_args, "num_experts", None)
     curve = save_loss_curve(
-        history, os.path.join(output_dir, LOSS_CURVE), title=f"MOELORA fine-tuning ({info['model']})"
+        history,
+        os.path.join(output_dir, LOSS_CURVE),
+        title=f"MOELORA fine-tuning ({info['model']})",
+        num_experts=max(experts) if isinstance(experts, (list, tuple)) and experts else None,
     )
     heatmap = os.path.join(output_dir, "router_load_heatmap.png")
     del trainer
@@ -333,14 +436,21 @@ def run(argv: Sequence[str], train_fn: Optional[Callable] = None) -> int:
     lines = [
         "",
         f"done in {train_seconds / 60:.1f} min of training ({info['global_step']} steps).",
-        f"  adapter:         {os.path.abspath(output_dir)}  (load: import moe_peft_plugin; PeftModel.from_pretrained)",
+        f"  {'adapter:':<24} {os.path.abspath(output_dir)}  (load: import moe_peft_plugin; PeftModel.from_pretrained)",
     ]
     if curve:
-        lines.append(f"  loss curve:      {os.path.abspath(curve)}")
-    if os.path.isfile(heatmap):
-        lines.append(f"  routing heatmap: {os.path.abspath(heatmap)}")
-    if os.path.isfile(os.path.join(output_dir, "eval_results.json")):
-        lines.append(f"  eval results:    {os.path.abspath(os.path.join(output_dir, 'eval_results.json'))}")
+        lines.append(f"  {'loss and routing curves:':<24} {os.path.abspath(curve)}")
+    from .multitask import EXPERT_LOAD_FIGURE, SPECIALISATION_FIGURE, SPECIALISATION_FILE
+
+    for label, name in (
+        ("expert load in training", os.path.basename(heatmap)),
+        ("routing by task", SPECIALISATION_FIGURE),
+        ("held-out expert load", EXPERT_LOAD_FIGURE),
+        ("specialisation", SPECIALISATION_FILE),
+        ("eval results", "eval_results.json"),
+    ):
+        if os.path.isfile(os.path.join(output_dir, name)):
+            lines.append(f"  {label + ':':<24} {os.path.abspath(os.path.join(output_dir, name))}")
     lines.append(
         f"next: moe-peft inspect {output_dir}   |   moe-peft export {output_dir} --merge --output_dir merged-lora"
     )

@@ -12,7 +12,7 @@ Used by `moe-peft eval`, `moe-peft train` and `benchmarks/science.py`; needs num
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -141,8 +141,13 @@ def score_items(
     max_length: int = 1024,
     progress: bool = True,
     description: str = "scoring",
+    after_forward: Optional[Callable[[object], None]] = None,
 ) -> Scores:
-    """Log-likelihood of every option of every question under `model` (a transformers or peft causal LM)."""
+    """Log-likelihood of every option of every question under `model` (a transformers or peft causal LM).
+
+    `after_forward(attention_mask)` is called after each forward, e.g. to collect the routing of a MOELORA model
+    (`model.base_model.get_routing_stats()`) on the scored text at no extra cost.
+    """
     import torch
 
     requests = _encode(tokenizer, items, max_length)
@@ -168,6 +173,8 @@ def score_items(
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention_mask[row, : len(ids)] = 1
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            if after_forward is not None:
+                after_forward(attention_mask)
             for row, (q, o, ids, start, _) in enumerate(batch):
                 # Token t is predicted by the logits at position t - 1.
                 scores = logits[row, start - 1 : len(ids) - 1].float().log_softmax(-1)
@@ -181,6 +188,79 @@ def score_items(
         bar.close()
     labels = np.array([item.label for item in items])
     return Scores(logprob, num_tokens, num_chars, labels)
+
+
+def macro_bootstrap(
+    correct_a: Mapping[str, np.ndarray],
+    correct_b: Optional[Mapping[str, np.ndarray]] = None,
+    samples: int = 10_000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """The macro average over tasks (each task weighs the same) of `correct_a`, or of the paired difference
+    `correct_b - correct_a`, and its 95% percentile bootstrap interval, resampling the questions within each task."""
+    rng = np.random.default_rng(seed)
+    means, totals = [], np.zeros(samples)
+    for task, a in correct_a.items():
+        values = np.asarray(a, dtype=float)
+        if correct_b is not None:
+            values = np.asarray(correct_b[task], dtype=float) - values
+        means.append(values.mean())
+        totals += values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
+    low, high = np.percentile(totals / len(means), [2.5, 97.5])
+    return float(np.mean(means)), float(low), float(high)
+
+
+def format_task_table(
+    base: Mapping[str, Accuracy],
+    tuned: Optional[Mapping[str, Accuracy]],
+    title: str,
+    chance: Optional[Mapping[str, float]] = None,
+) -> str:
+    """Per-task accuracy of the base and the fine-tuned model (95% Wilson intervals), their paired difference (95%
+    paired bootstrap interval) and the macro average (bootstrap within tasks), as a plain-text table."""
+    width = max([len(task) for task in base] + [13])
+    header = f"{'task':<{width}}  {'n':>4}  {'base':>6} {'95% CI':<14}"
+    if tuned is not None:
+        header += f"  {'tuned':>6} {'95% CI':<14}  {'diff':>6} {'95% CI (paired)':<16}"
+    if chance is not None:
+        header += f"  {'chance':>6}"
+    lines = [title, header]
+
+    def cells(result: Accuracy) -> str:
+        low, high = result.interval
+        return f"{100 * result.value:5.1f}% [{100 * low:4.1f}, {100 * high:4.1f}]"
+
+    for task, result in base.items():
+        line = f"{task:<{width}}  {result.n:>4}  {cells(result)}"
+        if tuned is not None:
+            mean, low, high = paired_bootstrap(result.correct, tuned[task].correct)
+            line += f"  {cells(tuned[task])}  {100 * mean:+6.1f} [{100 * low:+5.1f}, {100 * high:+5.1f}]"
+        if chance is not None:
+            line += f"  {100 * chance[task]:5.1f}%"
+        lines.append(line)
+    if len(base) > 1:
+        correct_base = {task: r.correct for task, r in base.items()}
+        mean, low, high = macro_bootstrap(correct_base)
+        n = sum(r.n for r in base.values())
+        line = f"{'macro average':<{width}}  {n:>4}  {100 * mean:5.1f}% [{100 * low:4.1f}, {100 * high:4.1f}]"
+        if tuned is not None:
+            correct_tuned = {task: r.correct for task, r in tuned.items()}
+            tuned_mean, tuned_low, tuned_high = macro_bootstrap(correct_tuned)
+            diff, diff_low, diff_high = macro_bootstrap(correct_base, correct_tuned)
+            line += (
+                f"  {100 * tuned_mean:5.1f}% [{100 * tuned_low:4.1f}, {100 * tuned_high:4.1f}]  "
+                f"{100 * diff:+6.1f} [{100 * diff_low:+5.1f}, {100 * diff_high:+5.1f}]"
+            )
+        if chance is not None:
+            line += f"  {100 * float(np.mean(list(chance.values()))):5.1f}%"
+        lines.append(line)
+    lines.append(
+        "Intervals: 95% Wilson per accuracy; differences (fine-tuned - base) by paired bootstrap over the questions; "
+        "the macro average (every task weighs the same) by bootstrap within each task."
+        if tuned is not None
+        else "Intervals: 95% Wilson; the macro average (every task weighs the same) by bootstrap within each task."
+    )
+    return "\n".join(lines)
 
 
 def chance_level(items: Sequence[MCItem]) -> float:

