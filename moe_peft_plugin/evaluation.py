@@ -219,16 +219,16 @@ def format_task_table(
     """Per-task accuracy of the base and the fine-tuned model (95% Wilson intervals), their paired difference (95%
     paired bootstrap interval) and the macro average (bootstrap within tasks), as a plain-text table."""
     width = max([len(task) for task in base] + [13])
-    header = f"{'task':<{width}}  {'n':>4}  {'base':>6} {'95% CI':<14}"
+    header = f"{'task':<{width}}  {'n':>4}  {'base [95% CI]':^21}"
     if tuned is not None:
-        header += f"  {'tuned':>6} {'95% CI':<14}  {'diff':>6} {'95% CI (paired)':<16}"
+        header += f"  {'fine-tuned [95% CI]':^21}  {'diff [paired 95% CI]':^21}"
     if chance is not None:
         header += f"  {'chance':>6}"
     lines = [title, header]
 
     def cells(result: Accuracy) -> str:
         low, high = result.interval
-        return f"{100 * result.value:5.1f}% [{100 * low:4.1f}, {100 * high:4.1f}]"
+        return f"{100 * result.value:5.1f}% [{100 * low:5.1f}, {100 * high:5.1f}]"
 
     for task, result in base.items():
         line = f"{task:<{width}}  {result.n:>4}  {cells(result)}"
@@ -242,13 +242,13 @@ def format_task_table(
         correct_base = {task: r.correct for task, r in base.items()}
         mean, low, high = macro_bootstrap(correct_base)
         n = sum(r.n for r in base.values())
-        line = f"{'macro average':<{width}}  {n:>4}  {100 * mean:5.1f}% [{100 * low:4.1f}, {100 * high:4.1f}]"
+        line = f"{'macro average':<{width}}  {n:>4}  {100 * mean:5.1f}% [{100 * low:5.1f}, {100 * high:5.1f}]"
         if tuned is not None:
             correct_tuned = {task: r.correct for task, r in tuned.items()}
             tuned_mean, tuned_low, tuned_high = macro_bootstrap(correct_tuned)
             diff, diff_low, diff_high = macro_bootstrap(correct_base, correct_tuned)
             line += (
-                f"  {100 * tuned_mean:5.1f}% [{100 * tuned_low:4.1f}, {100 * tuned_high:4.1f}]  "
+                f"  {100 * tuned_mean:5.1f}% [{100 * tuned_low:5.1f}, {100 * tuned_high:5.1f}]  "
                 f"{100 * diff:+6.1f} [{100 * diff_low:+5.1f}, {100 * diff_high:+5.1f}]"
             )
         if chance is not None:

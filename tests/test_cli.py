@@ -273,6 +273,20 @@ def test_wilson_interval_and_bootstrap():
     assert mean == low == high == 1.0
 
 
+def test_macro_average_weighs_tasks_equally_and_resamples_within_each_task():
+    from moe_peft_plugin.evaluation import macro_bootstrap
+
+    # A task the model always gets right and one it never does: resampling within tasks cannot move the average.
+    by_task = {"easy": np.ones(30), "hard": np.zeros(90)}
+    assert macro_bootstrap(by_task) == (0.5, 0.5, 0.5)  # a pooled mean would be 0.25
+    rng = np.random.default_rng(0)
+    a = {"x": rng.integers(0, 2, 40), "y": rng.integers(0, 2, 200)}
+    b = {"x": np.ones(40), "y": a["y"]}
+    mean, low, high = macro_bootstrap(a, b)
+    assert mean == pytest.approx((1 - a["x"].mean()) / 2) and low <= mean <= high
+    assert macro_bootstrap(a, a) == (0.0, 0.0, 0.0)
+
+
 def _items():
     return [
         MCItem("1", "question: what is the capital of france? answer:", [" paris", " dog", " the mat"], 0),

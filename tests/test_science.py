@@ -75,6 +75,18 @@ def test_plan_runs_inputs_first_and_seeds_every_trained_comparison(science):
     assert set(base.eval_tasks) == {science.MOELORA_TASK, *science.MOLE_TASKS}
 
 
+def test_router_study_chooses_on_validation_questions_in_the_multi_task_setting(science):
+    from moe_peft_cli.data import COMMONSENSE_TASKS
+
+    runs = science.plan(["router"], seeds=[0, 1], max_steps=150, eval_size=10)
+    assert [(r.name, r.seed) for r in runs] == [(n, s) for s in (0, 1) for n in science.ROUTER_LR_RATIOS]
+    for run in runs:
+        assert run.mixture and run.eval_split == "validation" and run.probe_every > 0  # never the held-out questions
+        assert run.train_tasks == run.eval_tasks == list(COMMONSENSE_TASKS) and run.max_steps == 150
+        assert run.router_lr_ratio == science.ROUTER_LR_RATIOS[run.name]
+    assert len({json.dumps(r.adapter, sort_keys=True) for r in runs}) == 1  # only the router learning rate differs
+
+
 def test_expert_similarity_matches_the_materialised_outputs(science):
     model, _ = build_tiny_llama()
     config = MoeLoraConfig(r=4, num_experts=5, top_k=2, target_modules=["q_proj"], init_weights=False)
