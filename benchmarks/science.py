@@ -191,9 +191,15 @@ def environment() -> dict:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
+    try:
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        dirty = None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit,
+        "git_dirty": dirty,  # uncommitted changes to tracked files when the run started
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "threads": torch.get_num_threads(),
@@ -416,6 +422,7 @@ def run_one(spec: RunSpec, work_dir: Path, out_dir: Path) -> dict:
     from transformers import set_seed
 
     set_seed(spec.seed)
+    started_with = environment()  # the code this run starts on (the tree may move on while it runs)
     if spec.kind == "base":
         from moe_peft_cli.models import load_base
 
@@ -429,7 +436,7 @@ def run_one(spec: RunSpec, work_dir: Path, out_dir: Path) -> dict:
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora" in n and p.requires_grad)
     result = {
         "spec": asdict(spec),
-        "environment": environment(),
+        "environment": started_with,
         "train_seconds": round(seconds, 1),
         "trainable_params": trainable,
         "loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h],
