@@ -991,7 +991,7 @@ def report(out_dir: Path) -> Path:
     if not results:
         lines.append("No finished runs yet.")
     envs = {
-        json.dumps({k: v for k, v in r["environment"].items() if k not in ("date", "git_commit")}, sort_keys=True)
+        json.dumps({k: v for k, v in r["environment"].items() if k not in ("date", "git_commit", "git_dirty")}, sort_keys=True)
         for r in results
     }
     commits = sorted({str(r["environment"].get("git_commit")) for r in results})
