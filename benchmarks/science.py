@@ -902,7 +902,9 @@ def router_section(results: Sequence[dict], out_dir: Path) -> list[str]:
     lines = [
         "## Routers that learn: a router learning-rate multiplier (multi-task mixture, validation questions)",
         "",
-        "| variant | seeds | macro accuracy % | " + " | ".join(tasks) + " | entropy / ln 8 | dead experts (of 1,680) | "
+        "| variant | seeds | macro accuracy % | "
+        + " | ".join(tasks)
+        + " | entropy / ln 8 | dead experts (of 1,680) | "
         "specialisation mean / max (chance) | train min |",
         "|---" * (len(tasks) + 7) + "|",
     ]
@@ -991,7 +993,9 @@ def report(out_dir: Path) -> Path:
     if not results:
         lines.append("No finished runs yet.")
     envs = {
-        json.dumps({k: v for k, v in r["environment"].items() if k not in ("date", "git_commit", "git_dirty")}, sort_keys=True)
+        json.dumps(
+            {k: v for k, v in r["environment"].items() if k not in ("date", "git_commit", "git_dirty")}, sort_keys=True
+        )
         for r in results
     }
     commits = sorted({str(r["environment"].get("git_commit")) for r in results})
@@ -1080,8 +1084,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every missing run of the chosen studies, then write the report")
-    run.add_argument("--studies", nargs="+", choices=("moelora", "mola", "mole", "router"),
-                     default=["moelora", "mola", "mole"])
+    run.add_argument(
+        "--studies", nargs="+", choices=("moelora", "mola", "mole", "router"), default=["moelora", "mola", "mole"]
+    )
     run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     run.add_argument("--max_steps", type=int, default=60)
     run.add_argument("--eval_size", type=int, default=200)

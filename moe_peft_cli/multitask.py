@@ -22,7 +22,7 @@ from .data import BENCHMARKS, load_mc_file, log, prepare_mixture
 
 if TYPE_CHECKING:
     from moe_peft_plugin import TaskRouting
-    from moe_peft_plugin.evaluation import Accuracy, MCItem
+    from moe_peft_plugin.evaluation import MCItem
 
 
 SPECIALISATION_FILE = "specialisation.json"
@@ -47,10 +47,10 @@ def score_tasks(model, tokenizer, items: Mapping[str, Sequence[MCItem]], options
     from moe_peft_plugin.evaluation import accuracy, score_items
 
     results = {}
+    tuner = model.base_model if routing is not None else None
     for task, task_items in items.items():
         after_forward = None
         if routing is not None:
-            tuner = model.base_model
 
             def after_forward(mask, task=task):
                 routing.add(tuner.get_routing_stats(), [task] * len(mask), mask)
@@ -111,7 +111,9 @@ def eval_mixture(options, info: Mapping, tasks: Sequence[str]) -> int:
         for task in tasks:
             mean, low, high = paired_bootstrap(base[task].correct, tuned[task].correct)
             payload["per_task"][task]["difference"] = {"mean": mean, "ci95": [low, high]}
-        mean, low, high = macro_bootstrap({t: r.correct for t, r in base.items()}, {t: r.correct for t, r in tuned.items()})
+        mean, low, high = macro_bootstrap(
+            {t: r.correct for t, r in base.items()}, {t: r.correct for t, r in tuned.items()}
+        )
         payload["macro_average"]["difference"] = {"mean": mean, "ci95": [low, high],
                                                   "method": "paired bootstrap within tasks, 10000 resamples"}  # fmt: skip
     payload["table"] = table
@@ -183,4 +185,5 @@ def report_routing(routing, adapter_dir: str, top: int = 5) -> dict:
 
 
 def task_titles(tasks: Sequence[str]) -> str:
+    """The display names of the benchmarks, e.g. `ARC-Easy, BoolQ`."""
     return ", ".join(BENCHMARKS[task].title for task in tasks)

@@ -267,7 +267,9 @@ def specialisation_callbacks(info: Mapping) -> list:
     if not info["train_data"].get("mixture"):
         return []
     items = mixture_items(info["train_data"]["tasks"], SPECIALISATION_PROBE_PER_TASK, "validation")
-    probe = {task: [item.prompt + item.choices[item.label] for item in task_items] for task, task_items in items.items()}
+    probe = {
+        task: [item.prompt + item.choices[item.label] for item in task_items] for task, task_items in items.items()
+    }
     return [TaskSpecialisationCallback(probe, every_n_steps=SPECIALISATION_EVERY)]
 
 
