@@ -123,7 +123,9 @@ def main() -> None:
     for name, (every, top, saved) in rows.items():
         matmuls = sum(every[n] for n in MATMULS)
         copies = sum(every[n] for n in COPIES)
-        print(f"{name:<24}{sum(every.values()):>10}{sum(top.values()):>11}{matmuls:>9}{copies:>8}{saved / 1024:>11.0f}")
+        print(
+            f"{name:<24}{sum(every.values()):>10}{sum(top.values()):>11}{matmuls:>9}{copies:>8}{saved / 1024:>11.0f}"
+        )
     lora_every, lora_top, _ = rows["LoRA r=64"]
     for name, (every, top, _) in rows.items():
         if name.startswith("MOELORA"):

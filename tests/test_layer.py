@@ -9,7 +9,7 @@ from moe_peft_plugin import MoeLoraConfig
 from moe_peft_plugin import losses as L
 from moe_peft_plugin.routing import route, router_logits
 
-from .reference import reference_contrastive, reference_layer, reference_load_balancing
+from .reference import reference_contrastive, reference_layer, reference_load_balancing, reference_training_layer
 
 
 class Tiny(nn.Module):
@@ -143,6 +143,175 @@ def test_forward_backward_match_reference(name, kwargs, mask):
     if expert_mask is not None:
         assert torch.all(gates[:, ~expert_mask] == 0)
         torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[0], dtype=gates.dtype))
+
+
+class TinyWithMask(Tiny):
+    def forward(self, x, attention_mask=None):
+        return self.lin(x)
+
+
+class FixedDropout(nn.Module):
+    """A dropout with a fixed mask, so that the reference can apply the same one."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+LOSSES = {
+    "load_balancing": "aux_loss_coef",
+    "router_z": "router_z_loss_coef",
+    "gate_balance": "gate_balance_loss_coef",
+    "contrastive": "contrastive_loss_coef",
+}
+AUX = {"aux_loss_coef": 0.3, "router_z_loss_coef": 0.05}
+# name, config kwargs, expert mask (or None)
+TRAINING_CASES = [
+    ("topk-8-2", {"num_experts": 8, "top_k": 2, **AUX}, None),
+    ("topk-4-1", {"num_experts": 4, "top_k": 1, **AUX}, None),
+    ("topk-4-4", {"num_experts": 4, "top_k": 4, **AUX}, None),
+    (
+        "topk-8-2-temp-contrastive",
+        {"num_experts": 8, "top_k": 2, "router_temperature": 0.7, "contrastive_loss_coef": 0.2},
+        None,
+    ),
+    (
+        "topk-4-2-contrastive-only",
+        {"num_experts": 4, "top_k": 2, "aux_loss_coef": 0.0, "contrastive_loss_coef": 0.2},
+        None,
+    ),
+    ("topk-4-2-no-losses", {"num_experts": 4, "top_k": 2, "aux_loss_coef": 0.0}, None),
+    (
+        "soft-3-learned-temp",
+        {
+            "num_experts": 3,
+            "router_type": "soft",
+            "learn_router_temperature": True,
+            "aux_loss_coef": 0.2,
+            "gate_balance_loss_coef": 0.1,
+        },
+        None,
+    ),
+    ("masked-topk", {"num_experts": 4, "top_k": 2, **AUX}, [False, True, True, True]),
+    ("masked-soft", {"num_experts": 4, "router_type": "soft", **AUX}, [True, False, True, True]),
+    ("single-expert", {"num_experts": 1, "top_k": 1, **AUX}, None),
+    ("dropout", {"num_experts": 4, "top_k": 2, "lora_dropout": 0.3, **AUX, "contrastive_loss_coef": 0.2}, None),
+    ("jitter", {"num_experts": 4, "top_k": 2, "router_jitter_noise": 0.2, **AUX}, None),
+    (
+        "jitter-noise-top-1",
+        {"num_experts": 4, "top_k": 1, "router_jitter_noise": 0.2, "router_noise_std": 1.0, **AUX},
+        None,
+    ),
+    ("noise-top-2", {"num_experts": 8, "top_k": 2, "router_noise_std": 1.0, **AUX}, None),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,mask", TRAINING_CASES, ids=[c[0] for c in TRAINING_CASES])
+def test_training_forward_losses_statistics_and_gradients_match_reference(name, kwargs, mask):
+    """The training path with router losses, padding and statistics, against `reference_training_layer`.
+
+    Dropout is a fixed mask on the expert input; the jitter of the router input and the selection noise are drawn from
+    the same seed as the layer draws them (jitter first, then noise). The expert load (the `f_e` of the load-balancing
+    loss) is counted in float32 by design, so what depends on it is compared to float32 precision."""
+    torch.manual_seed(0)
+    config = MoeLoraConfig(target_modules=["lin"], init_weights=False, **kwargs)
+    model = get_peft_model(TinyWithMask().double(), config)
+    model.base_model.record_sample_routing(True)
+    layer = model.base_model.model.lin
+    num_experts, options = layer.num_experts["default"], layer.routing_options["default"]
+    if mask is not None:
+        model.set_expert_mask([i for i, keep in enumerate(mask) if keep])
+    with torch.no_grad():
+        if "default" in layer.moelora_log_temperature:
+            layer.moelora_log_temperature["default"].fill_(-0.3)
+    dropout_mask = None
+    if kwargs.get("lora_dropout"):
+        dropout_mask = (torch.rand(14, 16) > 0.3).double() / 0.7
+        layer.moelora_dropout["default"] = FixedDropout(dropout_mask)
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    attention_mask = torch.ones(2, 7, dtype=torch.long)
+    attention_mask[0, :3] = 0
+    cotangent = torch.randn(2, 7, 12, dtype=torch.float64)
+    torch.manual_seed(2)
+    out = model(x, attention_mask=attention_mask)
+    aux_loss = model.base_model.aux_loss
+    ((out * cotangent).sum() + aux_loss).backward()
+
+    params = {
+        "A": layer.moelora_A["default"].detach().clone().requires_grad_(),
+        "B": layer.moelora_B["default"].detach().clone().requires_grad_(),
+        "router": (
+            layer.moelora_router["default"].detach().clone().requires_grad_()
+            if num_experts > 1
+            else torch.zeros(1, 16, dtype=torch.float64)
+        ),
+    }
+    temperature = options.router_temperature
+    if "default" in layer.moelora_log_temperature:
+        params["log_t"] = layer.moelora_log_temperature["default"].detach().clone().requires_grad_()
+        temperature = params["log_t"].exp()
+    x_ref = x.detach().clone().requires_grad_()
+    tokens = x_ref.reshape(-1, 16)
+    torch.manual_seed(2)
+    jitter = noise = None
+    if options.router_jitter_noise:
+        jitter = torch.empty_like(tokens).uniform_(
+            1.0 - options.router_jitter_noise, 1.0 + options.router_jitter_noise
+        )
+    if options.router_noise_std:
+        noise = options.router_noise_std * torch.randn(14, num_experts, dtype=torch.float64)
+    ref, ref_losses, ref_stats = reference_training_layer(
+        tokens,
+        layer.base_layer.weight.detach(),
+        params["A"],
+        params["B"],
+        params["router"],
+        layer.top_k["default"],
+        options.router_type,
+        layer.scaling["default"],
+        temperature,
+        None if mask is None else torch.tensor(mask),
+        token_weight=attention_mask.reshape(-1),
+        dropout_mask=dropout_mask,
+        jitter=jitter,
+        noise=noise,
+        contrastive_temperature=options.contrastive_temperature,
+    )
+    torch.testing.assert_close(out, ref.reshape_as(out), rtol=1e-10, atol=1e-10)
+
+    tol = dict(rtol=1e-6, atol=1e-8) if options.aux_loss_coef else dict(rtol=1e-9, atol=1e-10)
+    records = model.base_model.get_routing_stats()
+    if num_experts == 1:
+        assert not records and aux_loss.item() == 0
+        ref_aux = torch.zeros((), dtype=torch.float64)
+    else:
+        stats = records["lin"]["default"]
+        enabled = {loss: getattr(options, coef) for loss, coef in LOSSES.items() if getattr(options, coef)}
+        assert set(stats.losses) == set(enabled)
+        for loss in enabled:
+            torch.testing.assert_close(stats.losses[loss], ref_losses[loss].detach(), **tol, msg=loss)
+        ref_aux = sum(
+            (coef * ref_losses[loss] for loss, coef in enabled.items()), torch.zeros((), dtype=torch.float64)
+        )
+        torch.testing.assert_close(aux_loss.double(), ref_aux.detach(), **tol)
+        for key, value in ref_stats.items():
+            key_tol = dict(rtol=1e-6, atol=1e-8) if key == "expert_load" else dict(rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(getattr(stats, key).double(), value.detach(), **key_tol, msg=key)
+        assert stats.sample_load.shape == (2, num_experts)
+        torch.testing.assert_close(stats.sample_load.sum(-1), torch.ones(2, dtype=stats.sample_load.dtype))
+
+    ((ref.reshape_as(out) * cotangent).sum() + ref_aux).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    torch.testing.assert_close(layer.moelora_A["default"].grad, params["A"].grad, **tol)
+    torch.testing.assert_close(layer.moelora_B["default"].grad, params["B"].grad, **tol)
+    if num_experts > 1:
+        torch.testing.assert_close(layer.moelora_router["default"].grad, params["router"].grad, **tol)
+    if "log_t" in params:
+        torch.testing.assert_close(layer.moelora_log_temperature["default"].grad, params["log_t"].grad, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
