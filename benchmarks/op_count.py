@@ -6,13 +6,15 @@ the machine, so they can be compared across commits on a busy machine where timi
 
 For each config a tiny random Llama (`--hidden`, `--layers`) is wrapped with `get_peft_model`
 (`target_modules="all-linear"`) and one training step (forward with labels, backward; no optimizer step) runs under
-`torch.profiler.profile` after one warm-up step. Printed per config:
+`torch.profiler.profile` after one warm-up step. The batch has an attention mask (all ones), as a Trainer's has:
+MOELORA excludes padding from its router losses and statistics. Printed per config:
 
 - `aten ops`: every `aten::` event, nested ones included (e.g. `aten::linear` and the `aten::mm` it calls);
 - `top-level`: `aten::` events without an `aten::` parent (what Python code and autograd nodes call directly);
 - `matmuls`: `aten::mm`, `aten::addmm`, `aten::bmm` (the kernels; `aten::linear`/`aten::matmul` dispatch to them);
 - `copies`: `aten::copy_` (what `aten::to`/`aten::_to_copy`/`aten::clone`/`aten::contiguous` end up calling);
-- `saved KiB`: bytes saved for the backward pass by one forward (`bench_train.saved_bytes`: unique storages, without
+- `saved KiB`: bytes saved for the backward pass by one forward without attention mask (`bench_train.saved_bytes`:
+  unique storages, without
   parameters and buffers), since fewer operators can cost memory (e.g. routing not recomputed in the backward pass);
 - `per layer`: (MOELORA - LoRA r=64) top-level ops divided by the number of adapted linear layers.
 
@@ -64,11 +66,11 @@ def build_model(hidden: int, layers: int, peft_config) -> torch.nn.Module:
         return get_peft_model(LlamaForCausalLM(config), peft_config).train()
 
 
-def count_step(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[Counter, Counter]:
+def count_step(model: torch.nn.Module, inputs: dict) -> tuple[Counter, Counter]:
     """`(all aten events, top-level aten events)` by name, for one forward + backward."""
 
     def step() -> None:
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
         model.zero_grad(set_to_none=True)
 
     step()  # warm-up: lazy initialisation is not part of a step
@@ -109,12 +111,13 @@ def main() -> None:
 
     torch.manual_seed(0)
     input_ids = torch.randint(0, 512, (args.batch, args.seq))
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     rows, num_layers = {}, 0
     for name, config in configs.items():
         model = build_model(args.hidden, args.layers, config)
         if isinstance(config, MoeLoraConfig):
             num_layers = sum(1 for m in model.modules() if isinstance(m, moe_peft_plugin.layer.MoeLoraLayer))
-        every, top = count_step(model, input_ids)
+        every, top = count_step(model, inputs)
         rows[name] = (every, top, saved_bytes(model, input_ids))
 
     header = f"{'config':<24}{'aten ops':>10}{'top-level':>11}{'matmuls':>9}{'copies':>8}{'saved KiB':>11}"

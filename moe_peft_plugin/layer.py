@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from . import losses
 from .config import MoeLoraConfig, lora_scaling
@@ -274,12 +273,7 @@ class Linear(nn.Module, MoeLoraLayer):
             record,
             sample_shape,
         )
-        if torch.is_grad_enabled() and any(t.requires_grad for t in router_args[:3] if t is not None):
-            # The router is recomputed in the backward pass instead of keeping its intermediate tensors (probabilities,
-            # indices, loss terms) alive: it costs a (tokens, E) matmul and saves most of the routing memory.
-            routed = checkpoint(self._route, *router_args, use_reentrant=False)
-        else:
-            routed = self._route(*router_args)
+        routed = self._route(*router_args)
         weights, index, selected, weighted_loss, components, stats = routed
 
         update = expert_up(h, weights, index, lora_B, self.scaling[adapter_name])  # (tokens, out)
@@ -409,7 +403,12 @@ class Linear(nn.Module, MoeLoraLayer):
         with_stats: bool,
         sample_shape: Optional[tuple[int, int]] = None,
     ):
-        """Routing of `tokens` and the router losses that need no expert outputs (pure, so it can be recomputed)."""
+        """Routing of `tokens` and the router losses that need no expert outputs (pure, so it can be recomputed).
+
+        It runs once per forward with autograd: what it saves for the backward pass is a few bytes per token (the
+        `(tokens, E)` float32 probabilities and the top-k indices and weights), while recomputing it in the backward
+        pass (activation checkpointing) would run the router matmul and every routing operation a second time.
+        """
         options = self.routing_options[adapter_name]
         router_input = tokens
         if self.training and options.router_jitter_noise > 0:
