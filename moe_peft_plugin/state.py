@@ -38,6 +38,8 @@ from typing import Any, Optional
 
 import torch
 
+from . import losses
+
 
 @dataclass
 class RoutingStats:
@@ -115,9 +117,26 @@ class ForwardContext:
     state: Optional[RoutingState] = None
     backward_finished: bool = False  # a backward pass that reached `aux_loss` has completed
     _watching_backward: bool = False
+    # `token_weight` (dtype None) and `token_share` by (batch shape, dtype): computed once for all layers.
+    _token_weights: dict[tuple, Optional[torch.Tensor]] = field(default_factory=dict)
 
     def token_weight(self, batch_shape: torch.Size) -> Optional[torch.Tensor]:
         """Per-token weight (1 real, 0 padding), flattened, for a layer input with leading dims `batch_shape`."""
+        key = (tuple(batch_shape), None)
+        if key not in self._token_weights:
+            self._token_weights[key] = self._token_weight(batch_shape)
+        return self._token_weights[key]
+
+    def token_share(self, batch_shape: torch.Size, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """`token_weight` as the share of each token in a mean over the real tokens ([`losses.token_shares`]), in
+        `dtype`: the layers of a forward share one padding mask, which is normalised once instead of in every layer."""
+        key = (tuple(batch_shape), dtype)
+        if key not in self._token_weights:
+            weight = self.token_weight(batch_shape)
+            self._token_weights[key] = None if weight is None else losses.token_shares(weight, dtype)
+        return self._token_weights[key]
+
+    def _token_weight(self, batch_shape: torch.Size) -> Optional[torch.Tensor]:
         mask = self.attention_mask
         if mask is None or mask.dim() != 2 or len(batch_shape) != 2 or mask.shape[0] != batch_shape[0]:
             return None

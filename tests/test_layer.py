@@ -339,7 +339,8 @@ def test_load_balancing_matches_reference_and_excludes_padding(router_type, top_
     logits = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
     token_weight = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
     routing = route(logits, top_k, router_type)
-    loss = L.load_balancing_loss(routing.probs, routing.selected, token_weight)
+    share = L.token_shares(token_weight, logits.dtype)
+    loss = L.load_balancing_loss(routing.probs, L.expert_load(routing.selected, share), share)
     if router_type == "soft":
         gates_for_count = torch.zeros_like(routing.probs).scatter(-1, routing.probs.argmax(-1, keepdim=True), 1.0)
     else:
@@ -350,7 +351,8 @@ def test_load_balancing_matches_reference_and_excludes_padding(router_type, top_
     logits2 = logits.detach().clone()
     logits2[:3] = torch.randn(3, 4, dtype=torch.float64) * 10
     routing2 = route(logits2, top_k, router_type)
-    torch.testing.assert_close(L.load_balancing_loss(routing2.probs, routing2.selected, token_weight), loss.detach())
+    loss2 = L.load_balancing_loss(routing2.probs, L.expert_load(routing2.selected, share), share)
+    torch.testing.assert_close(loss2, loss.detach())
     loss.backward()
     assert logits.grad[3:].abs().sum() > 0 and logits.grad[:3].abs().sum() == 0
 
@@ -358,10 +360,11 @@ def test_load_balancing_matches_reference_and_excludes_padding(router_type, top_
 def test_load_balancing_is_one_when_uniform_and_grows_with_collapse():
     uniform = torch.zeros(8, 4, dtype=torch.float64)
     uniform_routing = route(uniform + torch.arange(8).remainder(4).view(-1, 1).eq(torch.arange(4)) * 1e-9, 2, "topk")
-    assert abs(L.load_balancing_loss(uniform_routing.probs, uniform_routing.selected).item() - 1.0) < 1e-6
+    uniform_load = L.expert_load(uniform_routing.selected)
+    assert abs(L.load_balancing_loss(uniform_routing.probs, uniform_load).item() - 1.0) < 1e-6
     collapsed = torch.tensor([[5.0, 4.0, 0.0, 0.0]], dtype=torch.float64).repeat(8, 1)
     r = route(collapsed, 2, "topk")
-    assert L.load_balancing_loss(r.probs, r.selected).item() > 1.5
+    assert L.load_balancing_loss(r.probs, L.expert_load(r.selected)).item() > 1.5
 
 
 def test_z_loss_and_gate_balance_formulas():
@@ -369,12 +372,11 @@ def test_z_loss_and_gate_balance_formulas():
     logits = torch.randn(6, 3, dtype=torch.float64)
     token_weight = torch.tensor([1, 1, 0, 1, 1, 1])
     keep = token_weight.bool()
-    torch.testing.assert_close(
-        L.router_z_loss(logits, token_weight), torch.logsumexp(logits[keep], -1).square().mean()
-    )
+    share = L.token_shares(token_weight, logits.dtype)
+    torch.testing.assert_close(L.router_z_loss(logits, share), torch.logsumexp(logits[keep], -1).square().mean())
     gates = logits.softmax(-1)
     q = gates[keep].mean(0)
-    torch.testing.assert_close(L.gate_balance_loss(gates, token_weight), -torch.log(q.prod()))
+    torch.testing.assert_close(L.gate_balance_loss(gates, share), -torch.log(q.prod()))
     # -log prod q is minimal (E log E) when the mean gates are uniform.
     uniform = torch.full((4, 3), 1 / 3, dtype=torch.float64)
     torch.testing.assert_close(
