@@ -158,10 +158,19 @@ def route(
     return Routing(logits=logits, probs=probs, gates=gates, selected=selected, weights=weights, index=index)
 
 
-def _dense_gates(weights: torch.Tensor, index: Optional[torch.Tensor], num_experts: int) -> torch.Tensor:
-    if index is None:
-        return weights
-    return weights.new_zeros(weights.shape[0], num_experts).scatter(-1, index.long(), weights)
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without dispatching an operator when it already has that dtype (runs in every layer)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _dense_gates(
+    weights: torch.Tensor, index: Optional[torch.Tensor], num_experts: int, dtype: torch.dtype, scaling: float
+) -> torch.Tensor:
+    """The `(tokens, E)` gates times `scaling`, in `dtype` (a scaling of 1, the default, multiplies nothing)."""
+    if index is not None:
+        weights = weights.new_zeros(weights.shape[0], num_experts).scatter(-1, _cast(index, torch.int64), weights)
+    weights = _cast(weights, dtype)
+    return weights if scaling == 1.0 else weights * scaling
 
 
 class _GatedExpertUp(torch.autograd.Function):
@@ -176,7 +185,7 @@ class _GatedExpertUp(torch.autograd.Function):
     def forward(ctx, h, weights, index, lora_B, scaling):
         # h: (tokens, E*r), weights: (tokens, top_k) or (tokens, E), index: (tokens, top_k) or None, lora_B: (E, out, r)
         num_experts = lora_B.shape[0]
-        gates = _dense_gates(weights, index, num_experts).to(h.dtype) * scaling
+        gates = _dense_gates(weights, index, num_experts, h.dtype, scaling)
         gated = (h.unflatten(-1, (num_experts, -1)) * gates.unsqueeze(-1)).flatten(-2)
         small_index = None if index is None else index.to(torch.int16 if num_experts > 127 else torch.int8)
         ctx.save_for_backward(h, weights, small_index, lora_B)
@@ -190,20 +199,23 @@ class _GatedExpertUp(torch.autograd.Function):
         # Under autocast the forward matmul ran in half precision, so `grad` may differ in dtype from the saved
         # tensors: compute in the dtype of `grad` (as autocast did) and return each gradient in its input's dtype.
         dtype = grad.dtype
-        gates = _dense_gates(weights, index, num_experts).to(dtype) * ctx.scaling
-        h_experts = h.to(dtype).unflatten(-1, (num_experts, -1))  # (tokens, E, r)
+        gates = _dense_gates(weights, index, num_experts, dtype, ctx.scaling)
+        h_experts = _cast(h, dtype).unflatten(-1, (num_experts, -1))  # (tokens, E, r)
         grad_h = grad_weights = grad_B = None
-        weight = lora_B.to(dtype).permute(1, 0, 2).flatten(1)  # (out, E*r)
+        weight = _cast(lora_B, dtype).permute(1, 0, 2).flatten(1)  # (out, E*r)
         grad_gated = (grad @ weight).unflatten(-1, (num_experts, -1))  # (tokens, E, r)
         if ctx.needs_input_grad[0]:
-            grad_h = (grad_gated * gates.unsqueeze(-1)).flatten(-2).to(h.dtype)
+            grad_h = _cast((grad_gated * gates.unsqueeze(-1)).flatten(-2), h.dtype)
         if ctx.needs_input_grad[1]:
-            grad_gates = (grad_gated * h_experts).sum(-1) * ctx.scaling  # (tokens, E)
-            grad_weights = grad_gates if index is None else grad_gates.gather(-1, index.long())
-            grad_weights = grad_weights.to(weights.dtype)
+            grad_gates = (grad_gated * h_experts).sum(-1)  # (tokens, E)
+            if ctx.scaling != 1.0:
+                grad_gates = grad_gates * ctx.scaling
+            grad_weights = grad_gates if index is None else grad_gates.gather(-1, _cast(index, torch.int64))
+            grad_weights = _cast(grad_weights, weights.dtype)
         if ctx.needs_input_grad[3]:
             gated = (h_experts * gates.unsqueeze(-1)).flatten(-2)
-            grad_B = (grad.T @ gated).view(out_features, num_experts, rank).permute(1, 0, 2).to(lora_B.dtype)
+            grad_B = (grad.T @ gated).view(out_features, num_experts, rank).permute(1, 0, 2)
+            grad_B = _cast(grad_B, lora_B.dtype)
         return grad_h, grad_weights, None, grad_B, None
 
 
