@@ -19,10 +19,12 @@ from .routing import (
     Routing,
     RoutingOptions,
     expert_down,
+    expert_down_with_router,
     expert_up,
     inference_expert_up,
     inference_gates,
     route,
+    router_fuses,
     router_logits,
 )
 from .state import ForwardContext, RoutingState, RoutingStats, inject_router_loss
@@ -254,8 +256,8 @@ class Linear(nn.Module, MoeLoraLayer):
             # Inference without router losses (cached decoding): the same output in the fewest operations.
             return _add_update(result, self._inference_update(tokens, adapter_name), batch_shape)
 
-        h = expert_down(self.moelora_dropout[adapter_name](tokens), lora_A)  # (tokens, E*r)
-        if self.num_experts[adapter_name] == 1:
+        h, logits = self._expert_inputs_and_logits(tokens, adapter_name)  # (tokens, E*r), (tokens, E) float32
+        if logits is None:  # a single expert
             update = expert_up(h, tokens.new_ones(tokens.shape[0], 1), None, lora_B, self.scaling[adapter_name])
             return _add_update(result, update, batch_shape)
 
@@ -263,7 +265,7 @@ class Linear(nn.Module, MoeLoraLayer):
         if record and self._routing_state.record_sample_routing and len(batch_shape) == 2:
             sample_shape = tuple(batch_shape)
         routing, weighted_loss, components, stats = self._route(
-            tokens, adapter_name, context, batch_shape, record, sample_shape
+            logits, adapter_name, context, batch_shape, record, sample_shape
         )
         update = expert_up(h, routing.weights, routing.index, lora_B, self.scaling[adapter_name])  # (tokens, out)
         result = _add_update(result, update, batch_shape)
@@ -341,7 +343,7 @@ class Linear(nn.Module, MoeLoraLayer):
         cached = self._inference_cache.get(adapter_name)
         if cached is None or cached[0] != key:
             down = lora_A.flatten(0, 1)
-            if router is not None and router.dtype == lora_A.dtype and lora_A.dtype in (torch.float32, torch.float64):
+            if router is not None and router_fuses(lora_A, router):
                 down = torch.cat([down, router])
             up = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1).contiguous()
             cached = self._inference_cache[adapter_name] = (key, down, up)
@@ -381,28 +383,53 @@ class Linear(nn.Module, MoeLoraLayer):
         mask = self.expert_mask[adapter_name]
         return temperature, None if mask is None else mask.to(logits.device)
 
+    def _expert_inputs_and_logits(
+        self, tokens: torch.Tensor, adapter_name: str
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The expert inputs `(tokens, E*r)` and the router logits `(tokens, E)` (None with a single expert).
+
+        One matmul gives both ([`expert_down_with_router`]) when the router sees the same input as the experts (no
+        dropout, no jitter) and can run in their dtype; otherwise the dropout applies to the expert input only and the
+        jitter to the router input only.
+        """
+        lora_A = self.moelora_A[adapter_name]
+        router = self.moelora_router.get(adapter_name)
+        dropout = self.moelora_dropout[adapter_name]
+        jitter = self.routing_options[adapter_name].router_jitter_noise if self.training else 0.0
+        if (
+            router is not None
+            and isinstance(dropout, nn.Identity)
+            and jitter == 0
+            and tokens.dtype == lora_A.dtype
+            and router_fuses(lora_A, router)
+            and not torch.is_autocast_enabled(tokens.device.type)
+        ):
+            return expert_down_with_router(tokens, lora_A, router)
+        h = expert_down(dropout(tokens), lora_A)
+        if router is None:
+            return h, None
+        router_input = tokens
+        if jitter > 0:
+            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
+        return h, router_logits(router_input, router)
+
     def _route(
         self,
-        tokens: torch.Tensor,
+        logits: torch.Tensor,
         adapter_name: str,
         context: Optional[ForwardContext],
         batch_shape: torch.Size,
         record: bool,
         sample_shape: Optional[tuple[int, int]] = None,
     ) -> tuple[Routing, Optional[torch.Tensor], dict[str, torch.Tensor], Optional[RoutingStats]]:
-        """Routing of `tokens`, the router losses that need no expert outputs (in a routing `context`) and, when the
-        forward records, the routing statistics: `(routing, weighted loss, unweighted losses, statistics)`.
+        """Routing by the router `logits`, the router losses that need no expert outputs (in a routing `context`) and,
+        when the forward records, the routing statistics: `(routing, weighted loss, unweighted losses, statistics)`.
 
         It runs once per forward with autograd: what it saves for the backward pass is a few bytes per token (the
         `(tokens, E)` float32 probabilities and the top-k indices and weights), while recomputing it in the backward
         pass (activation checkpointing) would run the router matmul and every routing operation a second time.
         """
         options = self.routing_options[adapter_name]
-        router_input = tokens
-        if self.training and options.router_jitter_noise > 0:
-            jitter = options.router_jitter_noise
-            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
-        logits = router_logits(router_input, self.moelora_router[adapter_name])  # (tokens, E), float32
         temperature, mask = self._temperature_and_mask(
             logits, adapter_name, self.moelora_log_temperature.get(adapter_name)
         )
