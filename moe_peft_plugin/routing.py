@@ -195,6 +195,7 @@ class _GatedExpertUp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, weights, index, lora_B = ctx.saved_tensors
+        index = None if index is None else index.long()
         num_experts, out_features, rank = lora_B.shape
         # Under autocast the forward matmul ran in half precision, so `grad` may differ in dtype from the saved
         # tensors: compute in the dtype of `grad` (as autocast did) and return each gradient in its input's dtype.
@@ -210,7 +211,7 @@ class _GatedExpertUp(torch.autograd.Function):
             grad_gates = (grad_gated * h_experts).sum(-1)  # (tokens, E)
             if ctx.scaling != 1.0:
                 grad_gates = grad_gates * ctx.scaling
-            grad_weights = grad_gates if index is None else grad_gates.gather(-1, _cast(index, torch.int64))
+            grad_weights = grad_gates if index is None else grad_gates.gather(-1, index)
             grad_weights = _cast(grad_weights, weights.dtype)
         if ctx.needs_input_grad[3]:
             gated = (h_experts * gates.unsqueeze(-1)).flatten(-2)

@@ -345,14 +345,11 @@ def build_aux_loss(context: ForwardContext, device: torch.device) -> torch.Tenso
     coefficients independent of how many modules are adapted. See the module docstring for the gradient.
     """
     num_records = max(len(context.records), 1)
-    total = torch.zeros((), device=device, dtype=torch.float32)
-    for _, _, stats in context.records:
-        total = total + stats.weighted_loss.to(device)
-    total = total / num_records
+    # One stack and one sum rather than an addition (and a device move) per layer.
+    total = _sum_on(device, [stats.weighted_loss for _, _, stats in context.records], torch.float32) / num_records
     if not torch.is_grad_enabled() or not context.records:
         return total
-    graph_loss = sum((loss.to(device) for loss in context.graph_losses), torch.zeros((), device=device))
-    graph_loss = graph_loss / num_records
+    graph_loss = _sum_on(device, context.graph_losses, torch.float32) / num_records
     num_without_graph = len(context.records) - len(context.graph_losses)
     context.graph_losses = []  # the context outlives the forward; do not keep the graph alive through it
     if not graph_loss.requires_grad:
@@ -360,3 +357,11 @@ def build_aux_loss(context: ForwardContext, device: torch.device) -> torch.Tenso
             return graph_loss  # nothing of this forward trains a router
         graph_loss = torch.zeros((), device=device, requires_grad=True)
     return _AuxLossAnchor.apply(graph_loss, total - graph_loss.detach(), context, 1.0 / num_records)
+
+
+def _sum_on(device: torch.device, values: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The sum of 0-d `values` on `device`, at least in `dtype` (a zero of `dtype` if there are none)."""
+    if not values:
+        return torch.zeros((), device=device, dtype=dtype)
+    stacked = torch.stack([value if value.device == device else value.to(device) for value in values])
+    return stacked.sum(dtype=torch.promote_types(stacked.dtype, dtype))
