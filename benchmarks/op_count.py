@@ -14,8 +14,8 @@ MOELORA excludes padding from its router losses and statistics. Printed per conf
 - `matmuls`: `aten::mm`, `aten::addmm`, `aten::bmm` (the kernels; `aten::linear`/`aten::matmul` dispatch to them);
 - `copies`: `aten::copy_` (what `aten::to`/`aten::_to_copy`/`aten::clone`/`aten::contiguous` end up calling);
 - `saved KiB`: bytes saved for the backward pass by one forward without attention mask (`bench_train.saved_bytes`:
-  unique storages, without
-  parameters and buffers), since fewer operators can cost memory (e.g. routing not recomputed in the backward pass);
+  unique storages, without parameters and buffers), since fewer operators can cost memory (e.g. routing not
+  recomputed in the backward pass);
 - `per layer`: (MOELORA - LoRA r=64) top-level ops divided by the number of adapted linear layers.
 
 Usage:
