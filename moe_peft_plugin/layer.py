@@ -12,17 +12,19 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from . import losses
 from .config import MoeLoraConfig, lora_scaling
 from .routing import (
+    Routing,
     RoutingOptions,
     expert_down,
+    expert_down_with_router,
     expert_up,
     inference_expert_up,
     inference_gates,
     route,
+    router_fuses,
     router_logits,
 )
 from .state import ForwardContext, RoutingState, RoutingStats, inject_router_loss
@@ -249,41 +251,24 @@ class Linear(nn.Module, MoeLoraLayer):
         batch_shape = x.shape[:-1]
         x = self._cast_input_dtype(x, lora_A.dtype)
         tokens = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        token_weight = context.token_weight(batch_shape) if context is not None else None
 
         if context is None and not self.training and not torch.is_grad_enabled():
             # Inference without router losses (cached decoding): the same output in the fewest operations.
-            update = self._inference_update(tokens, adapter_name)
-            return result + update.reshape(*batch_shape, -1).to(result.dtype)
+            return _add_update(result, self._inference_update(tokens, adapter_name), batch_shape)
 
-        h = expert_down(self.moelora_dropout[adapter_name](tokens), lora_A)  # (tokens, E*r)
-        if self.num_experts[adapter_name] == 1:
+        h, logits = self._expert_inputs_and_logits(tokens, adapter_name)  # (tokens, E*r), (tokens, E) float32
+        if logits is None:  # a single expert
             update = expert_up(h, tokens.new_ones(tokens.shape[0], 1), None, lora_B, self.scaling[adapter_name])
-            return result + update.reshape(*batch_shape, -1).to(result.dtype)
+            return _add_update(result, update, batch_shape)
 
         sample_shape = None
         if record and self._routing_state.record_sample_routing and len(batch_shape) == 2:
             sample_shape = tuple(batch_shape)
-        router_args = (
-            tokens,
-            self.moelora_router[adapter_name],
-            self.moelora_log_temperature[adapter_name] if adapter_name in self.moelora_log_temperature else None,
-            token_weight,
-            adapter_name,
-            context is not None,
-            record,
-            sample_shape,
+        routing, weighted_loss, components, stats = self._route(
+            logits, adapter_name, context, batch_shape, record, sample_shape
         )
-        if torch.is_grad_enabled() and any(t.requires_grad for t in router_args[:3] if t is not None):
-            # The router is recomputed in the backward pass instead of keeping its intermediate tensors (probabilities,
-            # indices, loss terms) alive: it costs a (tokens, E) matmul and saves most of the routing memory.
-            routed = checkpoint(self._route, *router_args, use_reentrant=False)
-        else:
-            routed = self._route(*router_args)
-        weights, index, selected, weighted_loss, components, stats = routed
-
-        update = expert_up(h, weights, index, lora_B, self.scaling[adapter_name])  # (tokens, out)
-        result = result + update.reshape(*batch_shape, -1).to(result.dtype)
+        update = expert_up(h, routing.weights, routing.index, lora_B, self.scaling[adapter_name])  # (tokens, out)
+        result = _add_update(result, update, batch_shape)
         if context is None:
             return result
 
@@ -292,9 +277,9 @@ class Linear(nn.Module, MoeLoraLayer):
             contrastive = losses.expert_contrastive_loss(
                 h.unflatten(-1, (lora_B.shape[0], -1)),
                 lora_B,
-                selected,
+                routing.selected,
                 options.contrastive_temperature,
-                token_weight,
+                context.token_weight(batch_shape),
             )
             components["contrastive"] = contrastive
             weighted_contrastive = contrastive_coef * contrastive
@@ -358,7 +343,7 @@ class Linear(nn.Module, MoeLoraLayer):
         cached = self._inference_cache.get(adapter_name)
         if cached is None or cached[0] != key:
             down = lora_A.flatten(0, 1)
-            if router is not None and router.dtype == lora_A.dtype and lora_A.dtype in (torch.float32, torch.float64):
+            if router is not None and router_fuses(lora_A, router):
                 down = torch.cat([down, router])
             up = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1).contiguous()
             cached = self._inference_cache[adapter_name] = (key, down, up)
@@ -398,25 +383,56 @@ class Linear(nn.Module, MoeLoraLayer):
         mask = self.expert_mask[adapter_name]
         return temperature, None if mask is None else mask.to(logits.device)
 
+    def _expert_inputs_and_logits(
+        self, tokens: torch.Tensor, adapter_name: str
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The expert inputs `(tokens, E*r)` and the router logits `(tokens, E)` (None with a single expert).
+
+        One matmul gives both ([`expert_down_with_router`]) when the router sees the same input as the experts (no
+        dropout, no jitter) and can run in their dtype; otherwise the dropout applies to the expert input only and the
+        jitter to the router input only.
+        """
+        lora_A = self.moelora_A[adapter_name]
+        router = self.moelora_router.get(adapter_name)
+        dropout = self.moelora_dropout[adapter_name]
+        jitter = self.routing_options[adapter_name].router_jitter_noise if self.training else 0.0
+        if (
+            router is not None
+            and isinstance(dropout, nn.Identity)
+            and jitter == 0
+            and tokens.dtype == lora_A.dtype
+            and router_fuses(lora_A, router)
+            and not torch.is_autocast_enabled(tokens.device.type)
+        ):
+            return expert_down_with_router(tokens, lora_A, router)
+        h = expert_down(dropout(tokens), lora_A)
+        if router is None:
+            return h, None
+        router_input = tokens
+        if jitter > 0:
+            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
+        return h, router_logits(router_input, router)
+
     def _route(
         self,
-        tokens: torch.Tensor,
-        router_weight: torch.Tensor,
-        log_temperature: Optional[torch.Tensor],
-        token_weight: Optional[torch.Tensor],
+        logits: torch.Tensor,
         adapter_name: str,
-        with_losses: bool,
-        with_stats: bool,
+        context: Optional[ForwardContext],
+        batch_shape: torch.Size,
+        record: bool,
         sample_shape: Optional[tuple[int, int]] = None,
-    ):
-        """Routing of `tokens` and the router losses that need no expert outputs (pure, so it can be recomputed)."""
+    ) -> tuple[Routing, Optional[torch.Tensor], dict[str, torch.Tensor], Optional[RoutingStats]]:
+        """Routing by the router `logits`, the router losses that need no expert outputs (in a routing `context`) and,
+        when the forward records, the routing statistics: `(routing, weighted loss, unweighted losses, statistics)`.
+
+        It runs once per forward with autograd: what it saves for the backward pass is a few bytes per token (the
+        `(tokens, E)` float32 probabilities and the top-k indices and weights), while recomputing it in the backward
+        pass (activation checkpointing) would run the router matmul and every routing operation a second time.
+        """
         options = self.routing_options[adapter_name]
-        router_input = tokens
-        if self.training and options.router_jitter_noise > 0:
-            jitter = options.router_jitter_noise
-            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
-        logits = router_logits(router_input, router_weight)  # (tokens, E), float32
-        temperature, mask = self._temperature_and_mask(logits, adapter_name, log_temperature)
+        temperature, mask = self._temperature_and_mask(
+            logits, adapter_name, self.moelora_log_temperature.get(adapter_name)
+        )
         routing = route(
             logits,
             top_k=self.top_k[adapter_name],
@@ -426,27 +442,34 @@ class Linear(nn.Module, MoeLoraLayer):
             expert_mask=mask,
         )
         weighted_loss, components, stats = None, {}, None
-        if with_losses:
-            terms = (
-                ("load_balancing", "aux_loss_coef", losses.load_balancing_loss, (routing.probs, routing.selected)),
-                ("router_z", "router_z_loss_coef", losses.router_z_loss, (routing.logits,)),
-                ("gate_balance", "gate_balance_loss_coef", losses.gate_balance_loss, (routing.gates,)),
-            )
-            for name, coef_name, loss_fn, loss_args in terms:
-                coef = getattr(options, coef_name)
-                if coef:
-                    components[name] = value = loss_fn(*loss_args, token_weight)
-                    weighted_loss = coef * value if weighted_loss is None else weighted_loss + coef * value
-        if with_stats:
+        if context is None:
+            return routing, weighted_loss, components, stats
+        token_share = context.token_share(batch_shape, logits.dtype)
+        load = losses.expert_load(routing.selected, token_share) if record or options.aux_loss_coef else None
+        terms = (
+            ("load_balancing", "aux_loss_coef", losses.load_balancing_loss, (routing.probs, load)),
+            ("router_z", "router_z_loss_coef", losses.router_z_loss, (routing.logits,)),
+            ("gate_balance", "gate_balance_loss_coef", losses.gate_balance_loss, (routing.gates,)),
+        )
+        for name, coef_name, loss_fn, loss_args in terms:
+            coef = getattr(options, coef_name)
+            if coef:
+                components[name] = value = loss_fn(*loss_args, token_share)
+                weighted_loss = coef * value if weighted_loss is None else weighted_loss + coef * value
+        if record:
             with torch.no_grad():
-                stats = self._routing_stats(routing, adapter_name, token_weight, sample_shape)
-        return routing.weights, routing.index, routing.selected, weighted_loss, components, stats
+                stats = self._routing_stats(
+                    routing, load, adapter_name, context.token_weight(batch_shape), token_share, sample_shape
+                )
+        return routing, weighted_loss, components, stats
 
     def _routing_stats(
         self,
-        routing,
+        routing: Routing,
+        load: torch.Tensor,
         adapter_name: str,
         token_weight: Optional[torch.Tensor],
+        token_share: Optional[torch.Tensor],
         sample_shape: Optional[tuple[int, int]],
     ) -> RoutingStats:
         router_type = self.routing_options[adapter_name].router_type
@@ -462,9 +485,9 @@ class Linear(nn.Module, MoeLoraLayer):
             token_weight.sum() if token_weight is not None else routing.probs.new_tensor(routing.probs.shape[0])
         )
         return RoutingStats(
-            expert_load=losses.expert_load(routing.selected, token_weight),
-            mean_gate=losses.mean_gate(routing.gates, token_weight),
-            entropy=losses.router_entropy(routing.probs, token_weight),
+            expert_load=load,
+            mean_gate=losses.mean_gate(routing.gates, token_share),
+            entropy=losses.router_entropy(routing.probs, token_share),
             num_tokens=num_tokens.float(),
             experts_per_token=1 if router_type == "soft" else min(self.top_k[adapter_name], num_experts),
             router_type=router_type,
@@ -476,3 +499,9 @@ class Linear(nn.Module, MoeLoraLayer):
 
     def extra_repr(self) -> str:
         return quantization_extra_repr(self)
+
+
+def _add_update(result: torch.Tensor, update: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
+    """`result + update`, with the `(tokens, out)` update reshaped to the batch shape and cast to the result's dtype."""
+    update = update.reshape(*batch_shape, -1)
+    return result + (update if update.dtype == result.dtype else update.to(result.dtype))

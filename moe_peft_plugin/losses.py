@@ -1,7 +1,9 @@
 """Router losses of MOELORA as pure functions of one layer's routing (float32).
 
-Every function takes an optional `token_weight` of shape `(tokens,)` (1 for real tokens, 0 for padding) so that padding
-never counts, and avoids data-dependent shapes (no boolean indexing), so nothing forces a host-device synchronisation.
+Padding never counts: the means over tokens take an optional `token_share` of shape `(tokens,)`, the share of each token
+in the mean (`token_shares`: 1 / number of real tokens for real tokens, 0 for padding), so that a mean is one matmul and
+a layer normalises its padding mask once for all its losses and statistics. Nothing has a data-dependent shape (no
+boolean indexing), so nothing forces a host-device synchronisation.
 """
 
 from __future__ import annotations
@@ -16,57 +18,63 @@ import torch.nn.functional as F
 CONTRASTIVE_NORM_FLOOR = 1e-2
 
 
-def _token_mean(values: torch.Tensor, token_weight: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean over the token dimension (dim 0), counting only tokens with weight 1."""
-    if token_weight is None:
+def token_shares(token_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(tokens,)` share of each token in a mean over the real tokens: `token_weight` (1 real, 0 padding) divided by
+    the number of real tokens (0 everywhere if there is none), in `dtype`."""
+    weight = token_weight.to(dtype)
+    return weight / weight.sum().clamp_min(1.0)
+
+
+def _token_mean(values: torch.Tensor, token_share: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the token dimension (dim 0) of `(tokens,)` or `(tokens, E)` values, over the real tokens only."""
+    if token_share is None:
         return values.mean(dim=0)
-    weight = token_weight.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
-    return (values * weight).sum(dim=0) / weight.sum().clamp_min(1.0)
+    return token_share @ values
 
 
-def expert_load(selected: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def expert_load(selected: torch.Tensor, token_share: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fraction of the routing decisions that went to each expert, `(num_experts,)`, summing to 1."""
-    load = _token_mean(selected.float(), token_weight)
+    load = _token_mean(selected.to(torch.float32 if token_share is None else token_share.dtype), token_share)
     return load / load.sum().clamp_min(torch.finfo(load.dtype).tiny)
 
 
-def mean_gate(gates: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def mean_gate(gates: torch.Tensor, token_share: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean gate weight of each expert over the tokens, `(num_experts,)`."""
-    return _token_mean(gates, token_weight)
+    return _token_mean(gates, token_share)
 
 
 def load_balancing_loss(
-    probs: torch.Tensor, selected: torch.Tensor, token_weight: Optional[torch.Tensor] = None
+    probs: torch.Tensor, load: torch.Tensor, token_share: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """Switch Transformer load-balancing loss `E * sum_e f_e * P_e` (arXiv 2101.03961, eq. 4).
 
-    `f_e` is the fraction of routing decisions sent to expert `e` (not differentiable) and `P_e` the mean router
+    `f_e = load[e]` is the fraction of routing decisions sent to expert `e` ([`expert_load`], not differentiable; the
+    layer computes it once for the loss and its statistics) and `P_e` the mean router
     probability of `e`. It equals 1 when routing is uniform and grows as it collapses. With top-k routing `f_e` counts
     all k choices, normalised so that the balanced value stays 1 for every k.
     """
     num_experts = probs.shape[-1]
-    return num_experts * (expert_load(selected, token_weight) * _token_mean(probs, token_weight)).sum()
+    return num_experts * (load * _token_mean(probs, token_share)).sum()
 
 
-def router_z_loss(logits: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def router_z_loss(logits: torch.Tensor, token_share: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ST-MoE router z-loss `mean_t logsumexp(logits_t)^2` (arXiv 2202.08906, eq. 5)."""
-    return _token_mean(torch.logsumexp(logits, dim=-1).square(), token_weight)
+    return _token_mean(torch.logsumexp(logits, dim=-1).square(), token_share)
 
 
-def gate_balance_loss(gates: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gate_balance_loss(gates: torch.Tensor, token_share: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MoLE gating-balance loss `-log prod_e q_e = -sum_e log q_e` (arXiv 2404.13628, eq. 14-16).
 
     `q_e` is the mean gate weight of expert `e` over the batch. The loss is differentiable with respect to the gates
     (unlike the released MoLE code) and is minimal when every expert gets the same mean weight.
     """
-    mean = mean_gate(gates, token_weight)
+    mean = mean_gate(gates, token_share)
     return -torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny)).sum()
 
 
-def router_entropy(probs: torch.Tensor, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean entropy (nats) of the per-token router distribution."""
-    entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(dim=-1)
-    return _token_mean(entropy, token_weight)
+def router_entropy(probs: torch.Tensor, token_share: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean entropy (nats) of the per-token router distribution (`entr(p) = -p log p`, 0 at p = 0)."""
+    return _token_mean(torch.special.entr(probs).sum(dim=-1), token_share)
 
 
 def expert_contrastive_loss(

@@ -126,7 +126,8 @@ def route(
         expert_mask: optional `(num_experts,)` bool tensor; `False` experts get probability 0 and the others are
             renormalised.
     """
-    logits = logits / temperature
+    if not (isinstance(temperature, float) and temperature == 1.0):
+        logits = logits / temperature
     if expert_mask is not None:
         logits = logits.masked_fill(~expert_mask, torch.finfo(logits.dtype).min)
     probs = logits.softmax(dim=-1)
@@ -145,19 +146,31 @@ def route(
                 selected = selected & expert_mask
     else:
         scores = logits if noise_std == 0 else logits + noise_std * torch.randn_like(logits)
-        index = scores.topk(top_k, dim=-1).indices  # (tokens, top_k)
-        weights = probs.gather(-1, index)  # (tokens, top_k)
-        if top_k > 1:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+        top_scores, index = scores.topk(top_k, dim=-1)  # (tokens, top_k)
+        if top_k == 1:
+            weights = probs.gather(-1, index)
+        else:
+            # The selected probabilities renormalised, i.e. the softmax over the selected logits: fewer operations
+            # (forward and backward) than gathering the probabilities and dividing by their sum.
+            weights = (top_scores if noise_std == 0 else logits.gather(-1, index)).softmax(dim=-1)
         gates = torch.zeros_like(probs).scatter(-1, index, weights)
         selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
     return Routing(logits=logits, probs=probs, gates=gates, selected=selected, weights=weights, index=index)
 
 
-def _dense_gates(weights: torch.Tensor, index: Optional[torch.Tensor], num_experts: int) -> torch.Tensor:
-    if index is None:
-        return weights
-    return weights.new_zeros(weights.shape[0], num_experts).scatter(-1, index.long(), weights)
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without dispatching an operator when it already has that dtype (runs in every layer)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _dense_gates(
+    weights: torch.Tensor, index: Optional[torch.Tensor], num_experts: int, dtype: torch.dtype, scaling: float
+) -> torch.Tensor:
+    """The `(tokens, E)` gates times `scaling`, in `dtype` (a scaling of 1, the default, multiplies nothing)."""
+    if index is not None:
+        weights = weights.new_zeros(weights.shape[0], num_experts).scatter(-1, _cast(index, torch.int64), weights)
+    weights = _cast(weights, dtype)
+    return weights if scaling == 1.0 else weights * scaling
 
 
 class _GatedExpertUp(torch.autograd.Function):
@@ -172,7 +185,7 @@ class _GatedExpertUp(torch.autograd.Function):
     def forward(ctx, h, weights, index, lora_B, scaling):
         # h: (tokens, E*r), weights: (tokens, top_k) or (tokens, E), index: (tokens, top_k) or None, lora_B: (E, out, r)
         num_experts = lora_B.shape[0]
-        gates = _dense_gates(weights, index, num_experts).to(h.dtype) * scaling
+        gates = _dense_gates(weights, index, num_experts, h.dtype, scaling)
         gated = (h.unflatten(-1, (num_experts, -1)) * gates.unsqueeze(-1)).flatten(-2)
         small_index = None if index is None else index.to(torch.int16 if num_experts > 127 else torch.int8)
         ctx.save_for_backward(h, weights, small_index, lora_B)
@@ -182,30 +195,78 @@ class _GatedExpertUp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, weights, index, lora_B = ctx.saved_tensors
+        index = None if index is None else index.long()
         num_experts, out_features, rank = lora_B.shape
         # Under autocast the forward matmul ran in half precision, so `grad` may differ in dtype from the saved
         # tensors: compute in the dtype of `grad` (as autocast did) and return each gradient in its input's dtype.
         dtype = grad.dtype
-        gates = _dense_gates(weights, index, num_experts).to(dtype) * ctx.scaling
-        h_experts = h.to(dtype).unflatten(-1, (num_experts, -1))  # (tokens, E, r)
+        gates = _dense_gates(weights, index, num_experts, dtype, ctx.scaling)
+        h_experts = _cast(h, dtype).unflatten(-1, (num_experts, -1))  # (tokens, E, r)
         grad_h = grad_weights = grad_B = None
-        weight = lora_B.to(dtype).permute(1, 0, 2).flatten(1)  # (out, E*r)
+        weight = _cast(lora_B, dtype).permute(1, 0, 2).flatten(1)  # (out, E*r)
         grad_gated = (grad @ weight).unflatten(-1, (num_experts, -1))  # (tokens, E, r)
         if ctx.needs_input_grad[0]:
-            grad_h = (grad_gated * gates.unsqueeze(-1)).flatten(-2).to(h.dtype)
+            grad_h = _cast((grad_gated * gates.unsqueeze(-1)).flatten(-2), h.dtype)
         if ctx.needs_input_grad[1]:
-            grad_gates = (grad_gated * h_experts).sum(-1) * ctx.scaling  # (tokens, E)
-            grad_weights = grad_gates if index is None else grad_gates.gather(-1, index.long())
-            grad_weights = grad_weights.to(weights.dtype)
+            grad_gates = (grad_gated * h_experts).sum(-1)  # (tokens, E)
+            if ctx.scaling != 1.0:
+                grad_gates = grad_gates * ctx.scaling
+            grad_weights = grad_gates if index is None else grad_gates.gather(-1, index)
+            grad_weights = _cast(grad_weights, weights.dtype)
         if ctx.needs_input_grad[3]:
             gated = (h_experts * gates.unsqueeze(-1)).flatten(-2)
-            grad_B = (grad.T @ gated).view(out_features, num_experts, rank).permute(1, 0, 2).to(lora_B.dtype)
+            grad_B = (grad.T @ gated).view(out_features, num_experts, rank).permute(1, 0, 2)
+            grad_B = _cast(grad_B, lora_B.dtype)
         return grad_h, grad_weights, None, grad_B, None
 
 
 def expert_down(x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
     """Inputs of all experts in one matmul: `(tokens, in) x (E, r, in) -> (tokens, E*r)`."""
     return F.linear(x, lora_A.flatten(0, 1))
+
+
+def router_fuses(lora_A: torch.Tensor, router: torch.Tensor) -> bool:
+    """Whether the router can share the matmul of [`expert_down`] (see [`expert_down_with_router`]): it has the dtype
+    of the experts, float32 or float64, so that its logits come out as [`router_logits`] gives them. Autocast, which
+    would run the shared matmul in half precision, is for the caller to check when it runs."""
+    return router.dtype == lora_A.dtype and lora_A.dtype in (torch.float32, torch.float64)
+
+
+class _DownWithRouter(torch.autograd.Function):
+    """`x @ [A_1; ...; A_E; router]^T` in one matmul, saving `x` and the weights rather than their concatenation.
+
+    Autograd would keep the concatenated weight, a copy of the adapter's down-projection, alive in every layer until
+    the backward pass, which concatenates it again instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, router):
+        ctx.save_for_backward(x, lora_A, router)
+        return F.linear(x, torch.cat([lora_A.flatten(0, 1), router]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_A, router = ctx.saved_tensors
+        grad_x = grad_A = grad_router = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ torch.cat([lora_A.flatten(0, 1), router])
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_A, grad_router = (grad.T @ x).split([lora_A.shape[0] * lora_A.shape[1], router.shape[0]])
+            grad_A = grad_A.view_as(lora_A) if ctx.needs_input_grad[1] else None
+            grad_router = grad_router if ctx.needs_input_grad[2] else None
+        return grad_x, grad_A, grad_router
+
+
+def expert_down_with_router(
+    x: torch.Tensor, lora_A: torch.Tensor, router: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`expert_down`] and [`router_logits`] of the same `(tokens, in)` `x` in one matmul.
+
+    `(tokens, E*r)` expert inputs and `(tokens, E)` logits, as views of one output: one matmul instead of two in the
+    forward pass and two instead of four in the backward pass. Only where [`router_fuses`] and autocast is off.
+    """
+    both = _DownWithRouter.apply(x, lora_A, router)
+    return both.split([lora_A.shape[0] * lora_A.shape[1], router.shape[0]], dim=-1)
 
 
 def expert_up(

@@ -38,6 +38,8 @@ from typing import Any, Optional
 
 import torch
 
+from . import losses
+
 
 @dataclass
 class RoutingStats:
@@ -115,9 +117,26 @@ class ForwardContext:
     state: Optional[RoutingState] = None
     backward_finished: bool = False  # a backward pass that reached `aux_loss` has completed
     _watching_backward: bool = False
+    # `token_weight` (dtype None) and `token_share` by (batch shape, dtype): computed once for all layers.
+    _token_weights: dict[tuple, Optional[torch.Tensor]] = field(default_factory=dict)
 
     def token_weight(self, batch_shape: torch.Size) -> Optional[torch.Tensor]:
         """Per-token weight (1 real, 0 padding), flattened, for a layer input with leading dims `batch_shape`."""
+        key = (tuple(batch_shape), None)
+        if key not in self._token_weights:
+            self._token_weights[key] = self._token_weight(batch_shape)
+        return self._token_weights[key]
+
+    def token_share(self, batch_shape: torch.Size, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """`token_weight` as the share of each token in a mean over the real tokens ([`losses.token_shares`]), in
+        `dtype`: the layers of a forward share one padding mask, which is normalised once instead of in every layer."""
+        key = (tuple(batch_shape), dtype)
+        if key not in self._token_weights:
+            weight = self.token_weight(batch_shape)
+            self._token_weights[key] = None if weight is None else losses.token_shares(weight, dtype)
+        return self._token_weights[key]
+
+    def _token_weight(self, batch_shape: torch.Size) -> Optional[torch.Tensor]:
         mask = self.attention_mask
         if mask is None or mask.dim() != 2 or len(batch_shape) != 2 or mask.shape[0] != batch_shape[0]:
             return None
@@ -326,14 +345,11 @@ def build_aux_loss(context: ForwardContext, device: torch.device) -> torch.Tenso
     coefficients independent of how many modules are adapted. See the module docstring for the gradient.
     """
     num_records = max(len(context.records), 1)
-    total = torch.zeros((), device=device, dtype=torch.float32)
-    for _, _, stats in context.records:
-        total = total + stats.weighted_loss.to(device)
-    total = total / num_records
+    # One stack and one sum rather than an addition (and a device move) per layer.
+    total = _sum_on(device, [stats.weighted_loss for _, _, stats in context.records], torch.float32) / num_records
     if not torch.is_grad_enabled() or not context.records:
         return total
-    graph_loss = sum((loss.to(device) for loss in context.graph_losses), torch.zeros((), device=device))
-    graph_loss = graph_loss / num_records
+    graph_loss = _sum_on(device, context.graph_losses, torch.float32) / num_records
     num_without_graph = len(context.records) - len(context.graph_losses)
     context.graph_losses = []  # the context outlives the forward; do not keep the graph alive through it
     if not graph_loss.requires_grad:
@@ -341,3 +357,11 @@ def build_aux_loss(context: ForwardContext, device: torch.device) -> torch.Tenso
             return graph_loss  # nothing of this forward trains a router
         graph_loss = torch.zeros((), device=device, requires_grad=True)
     return _AuxLossAnchor.apply(graph_loss, total - graph_loss.detach(), context, 1.0 / num_records)
+
+
+def _sum_on(device: torch.device, values: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The sum of 0-d `values` on `device`, at least in `dtype` (a zero of `dtype` if there are none)."""
+    if not values:
+        return torch.zeros((), device=device, dtype=dtype)
+    stacked = torch.stack([value if value.device == device else value.to(device) for value in values])
+    return stacked.sum(dtype=torch.promote_types(stacked.dtype, dtype))

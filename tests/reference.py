@@ -73,3 +73,78 @@ def reference_contrastive(x, lora_A, lora_B, selected, temperature, token_weight
                 sims = torch.stack([unit[t, e] @ protos[f] for f in active]) / temperature
                 losses.append(-torch.log_softmax(sims, dim=0)[active.index(e)])
     return torch.stack(losses).mean() if losses else x.new_zeros(())
+
+
+def reference_training_layer(
+    x,
+    weight,
+    lora_A,
+    lora_B,
+    router,
+    top_k,
+    router_type,
+    scaling,
+    temperature=1.0,
+    expert_mask=None,
+    token_weight=None,
+    dropout_mask=None,
+    jitter=None,
+    noise=None,
+    contrastive_temperature=0.1,
+):
+    """A training forward of one layer, one token and one expert at a time: output, router losses and statistics.
+
+    `dropout_mask` multiplies the expert input only, `jitter` the router input only, and `noise` is added to the
+    logits for the top-k selection only. Returns `(output, losses, stats)`; `losses` maps each loss name of the layer
+    to its unweighted value, `stats` holds `expert_load`, `mean_gate`, `entropy` and `num_tokens`.
+    """
+    num_tokens, num_experts = x.shape[0], lora_A.shape[0]
+    expert_in = x if dropout_mask is None else x * dropout_mask
+    router_in = x if jitter is None else x * jitter
+    logits = (router_in @ router.T) / temperature
+    if expert_mask is not None:
+        logits = logits.masked_fill(~expert_mask, float("-inf"))
+    probs = logits.softmax(-1)
+    scores = logits if noise is None else logits + noise
+    gates = torch.zeros_like(probs)
+    selected = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
+    dense = router_type == "soft" or top_k >= num_experts
+    for t in range(num_tokens):
+        if dense:
+            gates[t] = probs[t]
+            if router_type == "soft":
+                selected[t, probs[t].argmax()] = True
+            else:
+                selected[t] = True if expert_mask is None else expert_mask
+            continue
+        order = sorted(range(num_experts), key=lambda e: -scores[t, e].item())[:top_k]
+        chosen = probs[t, order]
+        if top_k > 1:
+            chosen = chosen / chosen.sum()
+        for e, w in zip(order, chosen):
+            gates[t, e] = w
+            selected[t, e] = True
+    out = x @ weight.T
+    for e in range(num_experts):
+        out = out + scaling * gates[:, e : e + 1] * (expert_in @ lora_A[e].T @ lora_B[e].T)
+
+    keep = torch.ones(num_tokens, dtype=torch.bool) if token_weight is None else token_weight.bool()
+    count = selected[keep].double().sum(0)
+    mean_gate = gates[keep].mean(0)
+    finite = logits[keep].masked_fill(~torch.isfinite(logits[keep]), torch.finfo(logits.dtype).min)
+    losses = {
+        "load_balancing": num_experts * (count / count.sum() * probs[keep].mean(0)).sum(),
+        "router_z": torch.logsumexp(finite, -1).square().mean(),
+        "gate_balance": -torch.log(mean_gate.clamp_min(torch.finfo(mean_gate.dtype).tiny)).sum(),
+        "contrastive": reference_contrastive(
+            expert_in, lora_A, lora_B, selected, contrastive_temperature, None if token_weight is None else keep
+        ),
+    }
+    p = probs[keep]
+    stats = {
+        "expert_load": count / count.sum(),
+        "mean_gate": mean_gate,
+        "entropy": -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1).mean(),
+        "num_tokens": keep.sum().double(),
+    }
+    return out, losses, stats

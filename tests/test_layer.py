@@ -9,7 +9,7 @@ from moe_peft_plugin import MoeLoraConfig
 from moe_peft_plugin import losses as L
 from moe_peft_plugin.routing import route, router_logits
 
-from .reference import reference_contrastive, reference_layer, reference_load_balancing
+from .reference import reference_contrastive, reference_layer, reference_load_balancing, reference_training_layer
 
 
 class Tiny(nn.Module):
@@ -145,6 +145,191 @@ def test_forward_backward_match_reference(name, kwargs, mask):
         torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[0], dtype=gates.dtype))
 
 
+class TinyWithMask(Tiny):
+    def forward(self, x, attention_mask=None):
+        return self.lin(x)
+
+
+class FixedDropout(nn.Module):
+    """A dropout with a fixed mask, so that the reference can apply the same one."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+LOSSES = {
+    "load_balancing": "aux_loss_coef",
+    "router_z": "router_z_loss_coef",
+    "gate_balance": "gate_balance_loss_coef",
+    "contrastive": "contrastive_loss_coef",
+}
+AUX = {"aux_loss_coef": 0.3, "router_z_loss_coef": 0.05}
+# name, config kwargs, expert mask (or None)
+TRAINING_CASES = [
+    ("topk-8-2", {"num_experts": 8, "top_k": 2, **AUX}, None),
+    ("topk-4-1", {"num_experts": 4, "top_k": 1, **AUX}, None),
+    ("topk-4-4", {"num_experts": 4, "top_k": 4, **AUX}, None),
+    (
+        "topk-8-2-temp-contrastive",
+        {"num_experts": 8, "top_k": 2, "router_temperature": 0.7, "contrastive_loss_coef": 0.2},
+        None,
+    ),
+    (
+        "topk-4-2-contrastive-only",
+        {"num_experts": 4, "top_k": 2, "aux_loss_coef": 0.0, "contrastive_loss_coef": 0.2},
+        None,
+    ),
+    ("topk-4-2-no-losses", {"num_experts": 4, "top_k": 2, "aux_loss_coef": 0.0}, None),
+    (
+        "soft-3-learned-temp",
+        {
+            "num_experts": 3,
+            "router_type": "soft",
+            "learn_router_temperature": True,
+            "aux_loss_coef": 0.2,
+            "gate_balance_loss_coef": 0.1,
+        },
+        None,
+    ),
+    (
+        "soft-3-frozen-experts",
+        {"num_experts": 3, "router_type": "soft", "freeze_experts": True, "gate_balance_loss_coef": 0.1},
+        None,
+    ),
+    ("masked-topk", {"num_experts": 4, "top_k": 2, **AUX}, [False, True, True, True]),
+    ("masked-soft", {"num_experts": 4, "router_type": "soft", **AUX}, [True, False, True, True]),
+    ("single-expert", {"num_experts": 1, "top_k": 1, **AUX}, None),
+    ("dropout", {"num_experts": 4, "top_k": 2, "lora_dropout": 0.3, **AUX, "contrastive_loss_coef": 0.2}, None),
+    ("jitter", {"num_experts": 4, "top_k": 2, "router_jitter_noise": 0.2, **AUX}, None),
+    (
+        "jitter-noise-top-1",
+        {"num_experts": 4, "top_k": 1, "router_jitter_noise": 0.2, "router_noise_std": 1.0, **AUX},
+        None,
+    ),
+    ("noise-top-2", {"num_experts": 8, "top_k": 2, "router_noise_std": 1.0, **AUX}, None),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,mask", TRAINING_CASES, ids=[c[0] for c in TRAINING_CASES])
+def test_training_forward_losses_statistics_and_gradients_match_reference(name, kwargs, mask, monkeypatch):
+    """The training path with router losses, padding and statistics, against `reference_training_layer`.
+
+    Dropout is a fixed mask on the expert input; the jitter of the router input and the selection noise are drawn from
+    the same seed as the layer draws them (jitter first, then noise). The expert load (the `f_e` of the load-balancing
+    loss) is counted in float32 by design, so what depends on it is compared to float32 precision. The router shares
+    the matmul of the expert down-projection unless dropout or jitter give them different inputs."""
+    import moe_peft_plugin.layer as layer_module
+
+    fused_calls = []
+    original = layer_module.expert_down_with_router
+    monkeypatch.setattr(layer_module, "expert_down_with_router", lambda *a: fused_calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    config = MoeLoraConfig(target_modules=["lin"], init_weights=False, **kwargs)
+    model = get_peft_model(TinyWithMask().double(), config)
+    model.base_model.record_sample_routing(True)
+    layer = model.base_model.model.lin
+    num_experts, options = layer.num_experts["default"], layer.routing_options["default"]
+    if mask is not None:
+        model.set_expert_mask([i for i, keep in enumerate(mask) if keep])
+    with torch.no_grad():
+        if "default" in layer.moelora_log_temperature:
+            layer.moelora_log_temperature["default"].fill_(-0.3)
+    dropout_mask = None
+    if kwargs.get("lora_dropout"):
+        dropout_mask = (torch.rand(14, 16) > 0.3).double() / 0.7
+        layer.moelora_dropout["default"] = FixedDropout(dropout_mask)
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    attention_mask = torch.ones(2, 7, dtype=torch.long)
+    attention_mask[0, :3] = 0
+    cotangent = torch.randn(2, 7, 12, dtype=torch.float64)
+    torch.manual_seed(2)
+    out = model(x, attention_mask=attention_mask)
+    aux_loss = model.base_model.aux_loss
+    ((out * cotangent).sum() + aux_loss).backward()
+
+    params = {
+        "A": layer.moelora_A["default"].detach().clone().requires_grad_(),
+        "B": layer.moelora_B["default"].detach().clone().requires_grad_(),
+        "router": (
+            layer.moelora_router["default"].detach().clone().requires_grad_()
+            if num_experts > 1
+            else torch.zeros(1, 16, dtype=torch.float64)
+        ),
+    }
+    temperature = options.router_temperature
+    if "default" in layer.moelora_log_temperature:
+        params["log_t"] = layer.moelora_log_temperature["default"].detach().clone().requires_grad_()
+        temperature = params["log_t"].exp()
+    x_ref = x.detach().clone().requires_grad_()
+    tokens = x_ref.reshape(-1, 16)
+    torch.manual_seed(2)
+    jitter = noise = None
+    if options.router_jitter_noise:
+        jitter = torch.empty_like(tokens).uniform_(
+            1.0 - options.router_jitter_noise, 1.0 + options.router_jitter_noise
+        )
+    if options.router_noise_std:
+        noise = options.router_noise_std * torch.randn(14, num_experts, dtype=torch.float64)
+    ref, ref_losses, ref_stats = reference_training_layer(
+        tokens,
+        layer.base_layer.weight.detach(),
+        params["A"],
+        params["B"],
+        params["router"],
+        layer.top_k["default"],
+        options.router_type,
+        layer.scaling["default"],
+        temperature,
+        None if mask is None else torch.tensor(mask),
+        token_weight=attention_mask.reshape(-1),
+        dropout_mask=dropout_mask,
+        jitter=jitter,
+        noise=noise,
+        contrastive_temperature=options.contrastive_temperature,
+    )
+    torch.testing.assert_close(out, ref.reshape_as(out), rtol=1e-10, atol=1e-10)
+    fused = num_experts > 1 and dropout_mask is None and jitter is None
+    assert bool(fused_calls) == fused
+
+    tol = dict(rtol=1e-6, atol=1e-8) if options.aux_loss_coef else dict(rtol=1e-9, atol=1e-10)
+    records = model.base_model.get_routing_stats()
+    if num_experts == 1:
+        assert not records and aux_loss.item() == 0
+        ref_aux = torch.zeros((), dtype=torch.float64)
+    else:
+        stats = records["lin"]["default"]
+        enabled = {loss: getattr(options, coef) for loss, coef in LOSSES.items() if getattr(options, coef)}
+        assert set(stats.losses) == set(enabled)
+        for loss in enabled:
+            torch.testing.assert_close(stats.losses[loss], ref_losses[loss].detach(), **tol, msg=loss)
+        ref_aux = sum(
+            (coef * ref_losses[loss] for loss, coef in enabled.items()), torch.zeros((), dtype=torch.float64)
+        )
+        torch.testing.assert_close(aux_loss.double(), ref_aux.detach(), **tol)
+        for key, value in ref_stats.items():
+            key_tol = dict(rtol=1e-6, atol=1e-8) if key == "expert_load" else dict(rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(getattr(stats, key).double(), value.detach(), **key_tol, msg=key)
+        assert stats.sample_load.shape == (2, num_experts)
+        torch.testing.assert_close(stats.sample_load.sum(-1), torch.ones(2, dtype=stats.sample_load.dtype))
+
+    ((ref.reshape_as(out) * cotangent).sum() + ref_aux).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    if kwargs.get("freeze_experts"):
+        assert layer.moelora_A["default"].grad is None and layer.moelora_B["default"].grad is None
+    else:
+        torch.testing.assert_close(layer.moelora_A["default"].grad, params["A"].grad, **tol)
+        torch.testing.assert_close(layer.moelora_B["default"].grad, params["B"].grad, **tol)
+    if num_experts > 1:
+        torch.testing.assert_close(layer.moelora_router["default"].grad, params["router"].grad, **tol)
+    if "log_t" in params:
+        torch.testing.assert_close(layer.moelora_log_temperature["default"].grad, params["log_t"].grad, **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_router_logits_fp32_and_gradient(dtype):
     torch.manual_seed(0)
@@ -170,7 +355,8 @@ def test_load_balancing_matches_reference_and_excludes_padding(router_type, top_
     logits = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
     token_weight = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
     routing = route(logits, top_k, router_type)
-    loss = L.load_balancing_loss(routing.probs, routing.selected, token_weight)
+    share = L.token_shares(token_weight, logits.dtype)
+    loss = L.load_balancing_loss(routing.probs, L.expert_load(routing.selected, share), share)
     if router_type == "soft":
         gates_for_count = torch.zeros_like(routing.probs).scatter(-1, routing.probs.argmax(-1, keepdim=True), 1.0)
     else:
@@ -181,7 +367,8 @@ def test_load_balancing_matches_reference_and_excludes_padding(router_type, top_
     logits2 = logits.detach().clone()
     logits2[:3] = torch.randn(3, 4, dtype=torch.float64) * 10
     routing2 = route(logits2, top_k, router_type)
-    torch.testing.assert_close(L.load_balancing_loss(routing2.probs, routing2.selected, token_weight), loss.detach())
+    loss2 = L.load_balancing_loss(routing2.probs, L.expert_load(routing2.selected, share), share)
+    torch.testing.assert_close(loss2, loss.detach())
     loss.backward()
     assert logits.grad[3:].abs().sum() > 0 and logits.grad[:3].abs().sum() == 0
 
@@ -189,10 +376,11 @@ def test_load_balancing_matches_reference_and_excludes_padding(router_type, top_
 def test_load_balancing_is_one_when_uniform_and_grows_with_collapse():
     uniform = torch.zeros(8, 4, dtype=torch.float64)
     uniform_routing = route(uniform + torch.arange(8).remainder(4).view(-1, 1).eq(torch.arange(4)) * 1e-9, 2, "topk")
-    assert abs(L.load_balancing_loss(uniform_routing.probs, uniform_routing.selected).item() - 1.0) < 1e-6
+    uniform_load = L.expert_load(uniform_routing.selected)
+    assert abs(L.load_balancing_loss(uniform_routing.probs, uniform_load).item() - 1.0) < 1e-6
     collapsed = torch.tensor([[5.0, 4.0, 0.0, 0.0]], dtype=torch.float64).repeat(8, 1)
     r = route(collapsed, 2, "topk")
-    assert L.load_balancing_loss(r.probs, r.selected).item() > 1.5
+    assert L.load_balancing_loss(r.probs, L.expert_load(r.selected)).item() > 1.5
 
 
 def test_z_loss_and_gate_balance_formulas():
@@ -200,12 +388,11 @@ def test_z_loss_and_gate_balance_formulas():
     logits = torch.randn(6, 3, dtype=torch.float64)
     token_weight = torch.tensor([1, 1, 0, 1, 1, 1])
     keep = token_weight.bool()
-    torch.testing.assert_close(
-        L.router_z_loss(logits, token_weight), torch.logsumexp(logits[keep], -1).square().mean()
-    )
+    share = L.token_shares(token_weight, logits.dtype)
+    torch.testing.assert_close(L.router_z_loss(logits, share), torch.logsumexp(logits[keep], -1).square().mean())
     gates = logits.softmax(-1)
     q = gates[keep].mean(0)
-    torch.testing.assert_close(L.gate_balance_loss(gates, token_weight), -torch.log(q.prod()))
+    torch.testing.assert_close(L.gate_balance_loss(gates, share), -torch.log(q.prod()))
     # -log prod q is minimal (E log E) when the mean gates are uniform.
     uniform = torch.full((4, 3), 1 / 3, dtype=torch.float64)
     torch.testing.assert_close(
