@@ -451,6 +451,7 @@ def test_train_fills_only_the_defaults_the_user_did_not_set(tmp_path, capsys):
     assert seen["moe"].num_experts == [2, 4] and seen["moe"].top_k == [2] and seen["moe"].contrastive_loss_coef == 0.01
     assert seen["model"].model_name_or_path == "my/model" and seen["script"].dataset_name == "my/data"
     assert seen["model"].lora_r == 8 and seen["training"].output_dir == str(output_dir)
+    assert seen["training"].moelora_router_lr_ratio == 10.0  # the evidence: docs/science/multitask
     # The equivalent SFT-script command that the run records: each argument once.
     run = json.load(open(output_dir / "moe_peft_run.json"))
     argv = run["argv"]
