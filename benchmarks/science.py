@@ -4,7 +4,7 @@ Everything runs on the embedded SmolLM2-135M-Instruct (the main job's model) and
 each split into a training set and a held-out evaluation set that training never sees (the split of `moe-peft train`).
 Accuracy is the log-likelihood multiple-choice accuracy of `moe-peft eval` (`acc_char`).
 
-Three studies (`--studies`):
+Three single-task studies (`--studies`):
 
 * `moelora`: LoRA r=64 vs MoELoRA (8 experts of r=8, top-2, load balancing) vs MoELoRA + contrastive loss, at equal
   trainable parameters (E*r = 64; MoELoRA adds only the routers), on CommonsenseQA. Also measured on held-out text: the
@@ -17,6 +17,13 @@ Three studies (`--studies`):
   (peft `add_weighted_adapter`, weights 1/3, exact "cat" combination) and each single LoRA, evaluated on all three
   tasks; then MoLE with one LoRA masked at inference (the remaining gates renormalised).
 
+And one study in the multi-task setting of `moe-peft train` (the 8 commonsense tasks interleaved, padding-free
+batches; its own `--out_dir`, e.g. docs/science/multitask):
+
+* `router`: MoELoRA (8 x r8, top-2, load balancing + contrastive) with the routers at the experts' learning rate vs at
+  10x (`moelora_router_lr_ratio`), scored on the validation questions of each task (a development choice: never the
+  held-out ones), with the router entropy, dead experts and task specialisation measured over training.
+
 Each run trains in its own process (`python benchmarks/science.py one SPEC.json`) and writes `result.json` with its
 spec, seed, numbers, loss curve and environment under `docs/science/runs/<run>/`; finished runs are skipped, so an
 interrupted study resumes. `report` (run at the end automatically) rebuilds every table and plot in `docs/science/`
@@ -27,6 +34,7 @@ Usage:
     python benchmarks/science.py run                      # all studies, 3 seeds, 2 parallel single-thread jobs
     python benchmarks/science.py run --studies mole --seeds 0 --max_steps 20   # a quick look
     python benchmarks/science.py report                   # tables and plots from the finished runs only
+    python benchmarks/science.py run --studies router --seeds 0 1 --max_steps 150 --jobs 1 --out_dir docs/science/multitask
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from .models import RUN_FILE
 
 # The embedded default: the 8 commonsense tasks at once, ~15 minutes of training and evaluation on 2 CPU cores
 # (SmolLM2-135M-Instruct, bf16). A single --benchmark trains longer on its one task, as before.
-DEFAULT_MAX_STEPS = 150
+DEFAULT_MAX_STEPS = 100
 SINGLE_TASK_MAX_STEPS = 250
 MIXTURE_EVAL_PER_TASK = 100  # held-out questions per task that the main job scores (of up to 400 held out)
 SINGLE_TASK_EVAL_SIZE = 200
