@@ -716,3 +716,29 @@ def test_eval_of_a_multi_task_run_reports_every_task_and_the_routing(fake_mixtur
     single = json.load(open(adapter / "eval_results.json"))
     assert single["num_questions"] == 5 and single["source"] == "PIQA, held-out questions of the mixture"
     assert len(cli_data.load_mc_file(str(mixture.mc_file("piqa", "eval")))) == FAKE_TASKS["piqa"] // 3
+
+
+def test_scoring_with_routing_scores_alike_and_restores_the_router_losses(fake_mixture, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from moe_peft_cli.multitask import mixture_items, score_tasks
+    from moe_peft_plugin import TaskRoutingAccumulator
+
+    model = _save_moelora(tiny_model_dir, str(tmp_path / "adapter"), contrastive_loss_coef=0.05).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    items = mixture_items(fake_mixture, 4)
+    options = SimpleNamespace(batch_size=3, metric="acc_char")
+    before = [dict(m.routing_options) for m in model.modules() if hasattr(m, "routing_options")]
+    plain = score_tasks(model, tokenizer, items, options, "plain")
+    model.base_model.record_sample_routing(True)
+    routing = TaskRoutingAccumulator(tasks=fake_mixture)
+    layer = next(m for m in model.modules() if hasattr(m, "routing_options"))
+    during, add = [], routing.add
+    routing.add = lambda *args: (during.append(layer.routing_options["default"].contrastive_loss_coef), add(*args))
+    routed = score_tasks(model, tokenizer, items, options, "routed", routing)
+    assert during and set(during) == {0.0}  # no router loss is computed while only the routing is collected
+    assert routing.num_samples == sum(len(item.choices) for i in items.values() for item in i)  # every scored text
+    for task in fake_mixture:
+        assert np.array_equal(plain[task].correct, routed[task].correct)
+    assert [dict(m.routing_options) for m in model.modules() if hasattr(m, "routing_options")] == before
+    assert before[0]["default"].contrastive_loss_coef == 0.05
