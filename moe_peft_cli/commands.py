@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 from .data import BENCHMARKS, DEFAULT_BENCHMARK, interleave, load_mc_file, log, prepare_benchmark
 from .errors import UserError
 from .models import adapter_config, base_model_of, check_device, load_adapter, load_base, run_info
-from .multitask import eval_mixture, mixture_items, mixture_tasks, task_titles
+from .multitask import eval_mixture, mixture_items, mixture_seed, mixture_tasks, task_titles
 
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ def _held_out_items(options, info: dict, split: str = "eval") -> tuple[list[MCIt
     if tasks and (not options.benchmark or options.benchmark in tasks):
         # A multi-task run: its own split, so that no training question is ever used as held-out text.
         chosen = [options.benchmark] if options.benchmark else tasks
-        by_task = mixture_items(chosen, options.eval_size, split)
+        by_task = mixture_items(chosen, options.eval_size, split, seed=mixture_seed(info))
         name = "held-out" if split == "eval" else "training"
         return [item for _, item in interleave(by_task)], f"{task_titles(chosen)}, {name} questions of the mixture"
     recorded = info.get("eval") or {}

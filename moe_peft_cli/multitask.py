@@ -36,9 +36,16 @@ def mixture_tasks(info: Mapping) -> Optional[list[str]]:
     return list(recorded["tasks"]) if recorded.get("mixture") else None
 
 
-def mixture_items(tasks: Sequence[str], per_task: Optional[int], split: str = "eval") -> dict[str, list[MCItem]]:
-    """The first `per_task` questions (all with `None`) of each task's `split` of the mixture."""
-    mixture = prepare_mixture(tasks)
+def mixture_seed(info: Mapping) -> int:
+    """The seed of the train / validation / held-out split of a multi-task run (`moe-peft train --split_seed`)."""
+    return int((info.get("train_data") or {}).get("seed", 0))
+
+
+def mixture_items(
+    tasks: Sequence[str], per_task: Optional[int], split: str = "eval", seed: int = 0
+) -> dict[str, list[MCItem]]:
+    """The first `per_task` questions (all with `None`) of each task's `split` of the mixture split with `seed`."""
+    mixture = prepare_mixture(tasks, seed=seed)
     return {task: load_mc_file(str(mixture.mc_file(task, split)))[:per_task] for task in tasks}
 
 
@@ -90,7 +97,7 @@ def eval_mixture(options, info: Mapping, tasks: Sequence[str]) -> int:
 
     recorded = info.get("eval") or {}
     per_task = options.eval_size or recorded.get("eval_size")
-    items = mixture_items(tasks, per_task)
+    items = mixture_items(tasks, per_task, seed=mixture_seed(info))
     if options.limit:
         items = {task: task_items[: options.limit] for task, task_items in items.items()}
     base_name = options.base_model or (base_model_of(options.adapter) if options.adapter else None)

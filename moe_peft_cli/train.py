@@ -46,8 +46,8 @@ EMBEDDED_DEFAULTS: dict[str, object] = {
     "aux_loss_coef": 0.01,
     "contrastive_loss_coef": 0.01,
     # The routers at 10x the learning rate: at 1x they stay near uniform on the 8-task mixture (router entropy 0.99
-    # ln 8); at 10x they learn task-dependent routing (0.94 ln 8, specialisation 1.4x) at the same accuracy
-    # (docs/science/multitask/RESULTS.md).
+    # ln 8); at 10x they learn task-dependent routing (0.94 ln 8, specialisation 1.4x) at the same accuracy (one seed
+    # so far: docs/science/multitask/RESULTS.md).
     "moelora_router_lr_ratio": 10.0,
     "max_steps": DEFAULT_MAX_STEPS,
     "per_device_train_batch_size": 8,
@@ -266,11 +266,12 @@ def specialisation_callbacks(info: Mapping) -> list:
     few validation questions of each task (never the held-out ones)."""
     from trainer_callbacks import TaskSpecialisationCallback
 
-    from .multitask import mixture_items
+    from .multitask import mixture_items, mixture_seed
 
     if not info["train_data"].get("mixture"):
         return []
-    items = mixture_items(info["train_data"]["tasks"], SPECIALISATION_PROBE_PER_TASK, "validation")
+    tasks = info["train_data"]["tasks"]
+    items = mixture_items(tasks, SPECIALISATION_PROBE_PER_TASK, "validation", seed=mixture_seed(info))
     probe = {
         task: [item.prompt + item.choices[item.label] for item in task_items] for task, task_items in items.items()
     }
@@ -305,7 +306,8 @@ def save_loss_curve(
     log_history: Sequence[dict], path: str, title: str = "Training loss", num_experts: Optional[int] = None
 ) -> Optional[str]:
     """Plot the training loss (and the router aux loss, when logged) per step to a PNG; below it, when logged, the
-    routing over training: router entropy / ln E and the task specialisation (mean and max over layers, chance)."""
+    routing over training: the mean router entropy (with ln E, uniform routing, when `num_experts` is given) and the
+    task specialisation (mean and max over layers, and its chance level)."""
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     if not points:
         return None

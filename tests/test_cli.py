@@ -654,9 +654,9 @@ def test_train_on_several_benchmarks_is_a_multi_task_run(fake_mixture, tmp_path,
     seen = {}
     output_dir = tmp_path / "run"
     status = main(["train", "--benchmark", *fake_mixture, "--model_name_or_path", "my/model", "--output_dir",
-                   str(output_dir), "--skip_eval"], train_fn=_fake_trainer(output_dir, seen))  # fmt: skip
+                   str(output_dir), "--skip_eval", "--split_seed", "3"], train_fn=_fake_trainer(output_dir, seen))  # fmt: skip
     assert status == 0
-    mixture = cli_data.prepare_mixture(fake_mixture)
+    mixture = cli_data.prepare_mixture(fake_mixture, seed=3)
     assert seen["script"].dataset_name == str(mixture.sft_dir)
     # Padding-free batches without truncation, and the multi-task step count; recorded so the command reruns as is.
     assert seen["training"].padding_free is True and seen["training"].max_length is None
@@ -667,8 +667,10 @@ def test_train_on_several_benchmarks_is_a_multi_task_run(fake_mixture, tmp_path,
     # The routers' task specialisation is measured over training on validation questions, never held-out ones.
     (callback,) = seen["callbacks"]
     held_out = {i.prompt for t in fake_mixture for i in cli_data.load_mc_file(str(mixture.mc_file(t, "eval")))}
+    trained = {json.loads(line)["prompt"] for line in open(mixture.sft_dir / "train.jsonl")}
     assert list(callback.probe) == fake_mixture
-    assert all(text.split("?")[0] + "?" not in held_out for texts in callback.probe.values() for text in texts)
+    probe_prompts = {text.split("?")[0] + "?" for texts in callback.probe.values() for text in texts}
+    assert probe_prompts.isdisjoint(held_out) and probe_prompts.isdisjoint(trained)  # the run's own split (seed 3)
     # One benchmark keeps the single-task run; a task named twice is one clear line.
     seen.clear()
     status = main(["train", "--benchmark", "arc_easy", "--eval_size", "10", "--model_name_or_path", "my/model", "--output_dir",
