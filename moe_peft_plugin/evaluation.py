@@ -215,11 +215,13 @@ def format_task_table(
     tuned: Optional[Mapping[str, Accuracy]],
     title: str,
     chance: Optional[Mapping[str, float]] = None,
+    label: str = "base",
 ) -> str:
     """Per-task accuracy of the base and the fine-tuned model (95% Wilson intervals), their paired difference (95%
-    paired bootstrap interval) and the macro average (bootstrap within tasks), as a plain-text table."""
+    paired bootstrap interval) and the macro average (bootstrap within tasks), as a plain-text table. Without `tuned`,
+    one model's accuracies, its column headed `label`."""
     width = max([len(task) for task in base] + [13])
-    header = f"{'task':<{width}}  {'n':>4}  {'base [95% CI]':^21}"
+    header = f"{'task':<{width}}  {'n':>4}  {label + ' [95% CI]':^21}"
     if tuned is not None:
         header += f"  {'fine-tuned [95% CI]':^21}  {'diff [paired 95% CI]':^21}"
     if chance is not None:

@@ -710,6 +710,12 @@ def test_eval_of_a_multi_task_run_reports_every_task_and_the_routing(fake_mixtur
     assert 0.0 <= specialisation["summary"]["mean"] <= specialisation["summary"]["max"] <= 1.0
     for figure in ("routing_by_task.png", "expert_load.png"):
         assert (adapter / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The adapter alone: one column, headed by the model it is.
+    capsys.readouterr()
+    assert main(["eval", str(adapter), "--base_model", tiny_model_dir, "--dtype", "float32", "--eval_size", "2",
+                 "--no_base"]) == 0  # fmt: skip
+    header = capsys.readouterr().out.splitlines()[1]
+    assert "fine-tuned [95% CI]" in header and "base" not in header
     # An explicit --benchmark of the run is read from the mixture's split (no training question as held-out).
     mixture = cli_data.prepare_mixture(fake_mixture)
     status = main(["eval", str(adapter), "--base_model", tiny_model_dir, "--dtype", "float32", "--benchmark", "piqa",
