@@ -11,6 +11,7 @@ Used by `moe-peft eval`, `moe-peft train` and `benchmarks/science.py`; needs num
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,9 +147,12 @@ def score_items(
     """Log-likelihood of every option of every question under `model` (a transformers or peft causal LM).
 
     `after_forward(attention_mask)` is called after each forward, e.g. to collect the routing of a MOELORA model
-    (`model.base_model.get_routing_stats()`) on the scored text at no extra cost.
+    (`model.base_model.get_routing_stats()`) on the scored text at no extra cost. Without it, a MOELORA model scores
+    under `inference_only()`: the same logits without router losses and statistics, which nothing here reads.
     """
     import torch
+
+    from .model import MoeLoraModel
 
     requests = _encode(tokenizer, items, max_length)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][2]))  # similar lengths share a batch
@@ -163,7 +167,9 @@ def score_items(
 
         bar = tqdm(total=len(items), desc=description, unit="q", leave=False)
     done_options = [0] * len(items)
-    with torch.inference_mode():
+    tuner = getattr(model, "base_model", None)
+    logits_only = isinstance(tuner, MoeLoraModel) and after_forward is None
+    with torch.inference_mode(), tuner.inference_only() if logits_only else contextlib.nullcontext():
         for begin in range(0, len(order), batch_size):
             batch = [requests[i] for i in order[begin : begin + batch_size]]
             length = max(len(r[2]) for r in batch)
@@ -172,7 +178,9 @@ def score_items(
             for row, (_, _, ids, _, _) in enumerate(batch):
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention_mask[row, : len(ids)] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+            ).logits
             if after_forward is not None:
                 after_forward(attention_mask)
             for row, (q, o, ids, start, _) in enumerate(batch):

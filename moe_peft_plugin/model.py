@@ -227,8 +227,8 @@ class MoeLoraModel(BaseTuner):
         state: RoutingState = self._routing_state
         # transformers < 5.24 passes the KV cache as `past_key_values`, later versions as `cache`.
         kv_cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        if state.active is None and kv_cache is not None and not torch.is_grad_enabled():
-            return  # cached decoding (`generate`): the layers only route; no router losses or statistics
+        if state.active is None and not torch.is_grad_enabled() and (kv_cache is not None or state.inference_only):
+            return  # cached decoding (`generate`) or `inference_only()`: the layers only route; no losses or statistics
         context = ForwardContext(attention_mask=kwargs.get("attention_mask"), parent=state.active, state=state)
         if torch.is_grad_enabled() and module.training:
             self._replay_checkpoints_in_context(module)
@@ -370,6 +370,24 @@ class MoeLoraModel(BaseTuner):
             mask = torch.zeros(layer.num_experts[adapter_name], dtype=torch.bool)
             mask[indices] = True
             layer.set_expert_mask(adapter_name, mask)
+
+    @contextlib.contextmanager
+    def inference_only(self) -> Iterator[None]:
+        """Forwards under `no_grad` (or `inference_mode`) compute the outputs only: no router losses (no
+        `outputs.aux_loss`, as in cached decoding) and no routing statistics are recorded (`get_routing_stats()`
+        keeps those of the last forward that recorded them).
+
+        A forward in eval mode normally still computes the router losses and statistics, so that an evaluation loop
+        can report them. A loop that reads only the logits (scoring, perplexity) gets the same logits in fewer
+        operations here, through the path of cached decoding. Forwards with gradients are not affected.
+        """
+        state: RoutingState = self._routing_state
+        previous = state.inference_only
+        state.inference_only = True
+        try:
+            yield
+        finally:
+            state.inference_only = previous
 
     @contextlib.contextmanager
     def expert_mask(self, experts: Sequence[Union[int, str]], adapter_name: Optional[str] = None) -> Iterator[None]:

@@ -208,8 +208,9 @@ class RoutingState:
       first ran it (`replaying`, set by [`ReplayInContext`]): it injects again where needed, but records nothing.
     - A layer that runs with gradients outside both (a recomputation MOELORA did not wrap) belongs to the one forward
       with gradients whose graph is still alive; several candidates that would give different gradients raise.
-    - Otherwise (cached decoding: a forward with a KV cache under `no_grad`, as in `generate`; or the base model
-      called directly under `no_grad`) layers just route.
+    - Otherwise (cached decoding: a forward with a KV cache under `no_grad`, as in `generate`; any forward under
+      `no_grad` inside `MoeLoraModel.inference_only()`; or the base model called directly under `no_grad`) layers
+      just route.
     """
 
     def __init__(self) -> None:
@@ -219,6 +220,7 @@ class RoutingState:
         self._grad_forwards: list[weakref.ref] = []
         self.warned_no_router_loss_gradient = False
         self.record_sample_routing = False
+        self.inference_only = False  # `MoeLoraModel.inference_only()`: no-grad forwards open no context
 
     def open_forward(self, context: ForwardContext) -> None:
         self.active = context

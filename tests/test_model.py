@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moe_peft_plugin import MoeLoraConfig, MoeLoraMergeError, RoutingStats, losses
+from moe_peft_plugin.evaluation import MCItem
 
 from .helpers import batch, build_tiny_llama
 
@@ -237,6 +238,40 @@ def test_cached_decoding_only_routes(monkeypatch):
     with torch.no_grad():  # an evaluation forward still computes them (the trainer logs them as eval metrics)
         outputs = model(**inputs)
     assert outputs.aux_loss > 0 and {"load_balancing_loss", "router_z_loss", "expert_load"} <= set(calls)
+
+
+def test_inference_only_gives_the_same_logits_without_router_losses_or_statistics(monkeypatch):
+    from moe_peft_plugin.evaluation import score_items
+
+    model, tokenizer = _peft_model(dict(num_experts=4, top_k=2, aux_loss_coef=0.01, contrastive_loss_coef=0.01))
+    model.eval()
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        full = model(**inputs)
+    recorded = model.base_model.get_routing_stats()
+    assert full.aux_loss > 0 and recorded
+    calls = []
+    for name in ("load_balancing_loss", "expert_contrastive_loss", "expert_load", "router_entropy"):
+        original = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    with model.base_model.inference_only(), torch.no_grad():
+        quick = model(**inputs)
+    assert calls == [] and getattr(quick, "aux_loss", None) is None
+    after = model.base_model.get_routing_stats()  # nothing new recorded: still those of the full forward
+    assert after.keys() == recorded.keys() and all(after[k]["default"] is recorded[k]["default"] for k in after)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(quick.logits[real], full.logits[real], rtol=1e-5, atol=1e-5)
+    with model.base_model.inference_only():  # forwards with gradients keep their router losses
+        assert model(**inputs).aux_loss > 0
+    with torch.no_grad():  # and the switch is off again on exit
+        assert model(**inputs).aux_loss > 0
+    # Scoring reads only the logits: it skips them, unless it collects the routing (`after_forward`).
+    calls.clear()
+    items = [MCItem("1", "the cat sat on the", [" mat", " dog"], 0)]
+    score_items(model, tokenizer, items, progress=False)
+    assert calls == []
+    score_items(model, tokenizer, items, progress=False, after_forward=lambda mask: None)
+    assert "expert_contrastive_loss" in calls
 
 
 def test_padding_tokens_do_not_change_router_losses():
