@@ -379,6 +379,34 @@ def test_collapse_warning(tmp_path, caplog):
     assert trainer.state.log_history[0]["router/dead_experts"] == 24
 
 
+def test_collapse_warning_is_not_repeated_for_an_expert_hovering_at_the_threshold(caplog):
+    """An expert that dips below the threshold, recovers for a window and dips again is one warning, not one per dip;
+    only after `patience` live windows is it forgotten and can be reported again."""
+    from types import SimpleNamespace
+
+    class Window:
+        def __init__(self, dead):
+            self.dead = dead
+
+        def dead_experts(self, threshold):
+            return self.dead
+
+    stats = SimpleNamespace(num_windows={"train": 0}, latest={}, dead_expert_threshold=0.01)
+    collapse = RoutingCollapseCallback(patience=2)
+    collapse.bind(SimpleNamespace(router_stats=stats))
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    flapping = [("layer", 3)]
+    windows = [flapping, flapping, [], flapping, flapping, [], flapping, [], [], flapping, flapping]
+    with caplog.at_level(logging.WARNING, logger="trainer_callbacks.callbacks"):
+        for step, dead in enumerate(windows, start=1):
+            stats.num_windows["train"] += 1
+            stats.latest["train"] = Window(dead)
+            state.global_step = step
+            collapse.on_log(None, state, None)
+    steps = [r.getMessage().split(":")[0] for r in caplog.records if "Routing collapse" in r.getMessage()]
+    assert steps == ["Routing collapse at step 2", "Routing collapse at step 11"]
+
+
 def test_coefficient_overrides_and_warmup(tmp_path):
     logs = _LogCapture()
     trainer = _trainer(

@@ -96,7 +96,9 @@ class RouterLossWarmupCallback(MoeLoraTrainerCallback):
 class RoutingCollapseCallback(MoeLoraTrainerCallback):
     """
     Warn when routing collapses: an expert receives less than `threshold` of its layer's tokens in `patience`
-    consecutive training logging windows. Each expert is reported once until it recovers.
+    consecutive training logging windows. Each expert is reported once until it recovers, i.e. stays above the
+    threshold for `patience` consecutive windows too (an expert hovering around the threshold is not reported again
+    at every dip).
 
     The experts currently reported are in `collapsed` (`{(layer, expert): first step seen dead}`), so that scripts
     can react (e.g. stop training through a callback of their own).
@@ -118,6 +120,7 @@ class RoutingCollapseCallback(MoeLoraTrainerCallback):
         self.collapsed: dict[tuple[str, int], int] = {}
         self._dead_since: dict[tuple[str, int], int] = {}
         self._streak: dict[tuple[str, int], int] = {}
+        self._alive_streak: dict[tuple[str, int], int] = {}  # consecutive live windows of a reported expert
         self._seen_windows = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -133,7 +136,10 @@ class RoutingCollapseCallback(MoeLoraTrainerCallback):
         for key in list(self._dead_since):
             if key not in dead:
                 del self._dead_since[key]
-                self.collapsed.pop(key, None)
+        for key in list(self.collapsed):
+            self._alive_streak[key] = 0 if key in dead else self._alive_streak.get(key, 0) + 1
+            if self._alive_streak[key] >= self.patience:
+                del self.collapsed[key], self._alive_streak[key]
         new = sorted(
             key for key, streak in self._streak.items() if streak >= self.patience and key not in self.collapsed
         )
