@@ -17,9 +17,16 @@ Three single-task studies (`--studies`):
   (peft `add_weighted_adapter`, weights 1/3, exact "cat" combination) and each single LoRA, evaluated on all three
   tasks; then MoLE with one LoRA masked at inference (the remaining gates renormalised).
 
-And one study in the multi-task setting of `moe-peft train` (the 8 commonsense tasks interleaved, padding-free
-batches; its own `--out_dir`, e.g. docs/science/multitask):
+And two studies in the multi-task setting of `moe-peft train` (the 8 commonsense tasks interleaved, padding-free
+batches, its split and its 100 steps; their own `--out_dir`, e.g. docs/science/multitask):
 
+* `multitask`: the fair comparison. LoRA r=64 and MoELoRA (the main job's adapter: 8 x r8, top-2, load balancing +
+  contrastive, routers at 10x) each get a learning rate from a grid (1e-4, 3e-4, 1e-3; seed 0) scored on the validation
+  questions; then every method runs 3 seeds at its rate and is scored on all held-out questions (2,455): LoRA r=64,
+  MoELoRA, MoELoRA without the contrastive loss, LoRA r=8, MoLA 2-4-6-8 and 5-5-5-5 (the variants at the rate of the
+  method they vary). Seed 0 of a tuned method is its grid run at the chosen rate, re-scored on the held-out questions.
+  The report gives the grid, the held-out table (macro and per task, trainable parameters, train minutes, routing) and
+  each paper claim as a paired verdict with the question-sampling error.
 * `router`: MoELoRA (8 x r8, top-2, load balancing + contrastive) with the routers at the experts' learning rate vs at
   10x (`moelora_router_lr_ratio`), scored on the validation questions of each task (a development choice: never the
   held-out ones), with the router entropy, dead experts and task specialisation measured over training.
@@ -35,6 +42,7 @@ Usage:
     python benchmarks/science.py run --studies mole --seeds 0 --max_steps 20   # a quick look
     python benchmarks/science.py report                   # tables and plots from the finished runs only
     python benchmarks/science.py run --studies router --seeds 0 1 --max_steps 150 --jobs 1 --out_dir docs/science/multitask
+    python benchmarks/science.py run --studies multitask --jobs 1 --out_dir docs/science/multitask   # ~6 h on 2 cores
 """
 
 from __future__ import annotations
@@ -98,6 +106,7 @@ class RunSpec:
     eval_split: str = "eval"
     router_lr_ratio: float = 1.0
     probe_every: int = 0  # measure the task specialisation every this many steps (0: never)
+    adapter_from: str = ""  # evaluate the adapter that run trained (same method, seed and rate) instead of training
 
     @property
     def run_dir(self) -> str:
@@ -118,8 +127,14 @@ def mola_list(allocation: Sequence[int]) -> list[int]:
     return expand_per_layer("num_experts", list(allocation), NUM_LAYERS)
 
 
-def plan(studies: Sequence[str], seeds: Sequence[int], max_steps: int, eval_size: int) -> list[RunSpec]:
-    """Every run of the chosen studies, in an order where the inputs of a run come before it."""
+def plan(
+    studies: Sequence[str], seeds: Sequence[int], max_steps: int, eval_size: int, out_dir: Optional[Path] = None
+) -> list[RunSpec]:
+    """Every run of the chosen studies, in an order where the inputs of a run come before it (and, in priority order).
+
+    The `multitask` study's final runs depend on the learning rates its grid runs choose: they are planned once those
+    runs have finished (results in `out_dir`), so `run_all` plans again after each round.
+    """
     common = dict(max_steps=max_steps, eval_size=eval_size)
     moe = dict(r=8, lora_alpha=16, target_modules="all-linear", num_experts=8, top_k=2, aux_loss_coef=AUX_LOSS_COEF)
     one_task = dict(train_tasks=[MOELORA_TASK], eval_tasks=[MOELORA_TASK])
@@ -158,6 +173,8 @@ def plan(studies: Sequence[str], seeds: Sequence[int], max_steps: int, eval_size
                 )  # fmt: skip
     if "router" in studies:
         runs += router_study(seeds, max_steps)
+    if "multitask" in studies:
+        runs += multitask_study(seeds, out_dir)
     return runs
 
 
@@ -180,6 +197,101 @@ def router_study(seeds: Sequence[int], max_steps: int) -> list[RunSpec]:
         for seed in seeds
         for name, ratio in ROUTER_LR_RATIOS.items()
     ]  # fmt: skip
+
+
+# Issue 11's fair multi-task study: the mixture, split and training length of `moe-peft train`. The tuned methods get
+# their own learning rate from a grid scored on the validation questions (seed 0); every method then runs with 3 seeds
+# at its rate and is scored on all the held-out questions (2,455 over the 8 tasks). The variants take the rate of the
+# method they vary (MoELoRA's, or LoRA r=64's for LoRA r=8), as the issue's budget suggests.
+MULTITASK_LEARNING_RATES = (1e-4, 3e-4, 1e-3)
+MULTITASK_PROBE_EVERY = 50
+
+
+@dataclass(frozen=True)
+class Method:
+    kind: str  # "lora" or "moelora"
+    adapter: dict
+    router_lr_ratio: float = 1.0
+    lr_from: Optional[str] = None  # None: tuned on its own grid; otherwise the method whose chosen rate it takes
+
+
+def multitask_methods() -> dict[str, Method]:
+    """The methods of the multi-task study, in the order they run (the main comparison first)."""
+    moe = dict(r=8, lora_alpha=16, target_modules="all-linear", num_experts=8, top_k=2, aux_loss_coef=AUX_LOSS_COEF,
+               contrastive_loss_coef=CONTRASTIVE_LOSS_COEF)  # fmt: skip
+    ratio = 10.0  # the main job's router learning-rate multiplier (`moelora_router_lr_ratio`)
+    return {
+        "mt_lora_r64": Method("lora", dict(r=64, lora_alpha=128)),
+        "mt_moelora": Method("moelora", moe, ratio),  # the main job's adapter
+        "mt_moelora_no_contrastive": Method("moelora", dict(moe, contrastive_loss_coef=0.0), ratio, "mt_moelora"),
+        "mt_lora_r8": Method("lora", dict(r=8, lora_alpha=16), lr_from="mt_lora_r64"),
+        "mt_mola_2468": Method("moelora", dict(moe, num_experts=mola_list((2, 4, 6, 8))), ratio, "mt_moelora"),
+        "mt_mola_5555": Method("moelora", dict(moe, num_experts=mola_list((5, 5, 5, 5))), ratio, "mt_moelora"),
+    }
+
+
+def grid_run_name(method: str, learning_rate: float) -> str:
+    return f"{method}_lr{learning_rate:g}"
+
+
+def validation_macro(run: dict) -> float:
+    """Mean over tasks of the accuracy on the validation questions: what the learning-rate choice maximises."""
+    return float(np.mean([e["accuracy"] for e in run["eval"].values()]))
+
+
+def chosen_learning_rates(out_dir: Optional[Path], seed: int) -> dict[str, float]:
+    """The learning rate of every tuned method whose whole grid has finished: its best validation macro accuracy."""
+    chosen: dict[str, float] = {}
+    for name, method in multitask_methods().items():
+        if method.lr_from is not None or out_dir is None:
+            continue
+        scores = {}
+        for learning_rate in MULTITASK_LEARNING_RATES:
+            path = out_dir / "runs" / f"{grid_run_name(name, learning_rate)}-seed{seed}" / "result.json"
+            if path.is_file():
+                scores[learning_rate] = validation_macro(json.loads(path.read_text()))
+        if len(scores) == len(MULTITASK_LEARNING_RATES):
+            chosen[name] = max(scores, key=scores.get)
+    return chosen
+
+
+def multitask_study(seeds: Sequence[int], out_dir: Optional[Path]) -> list[RunSpec]:
+    from moe_peft_cli.data import COMMONSENSE_TASKS, MIXTURE_EVAL_SIZE, MIXTURE_VALIDATION_SIZE
+    from moe_peft_cli.train import DEFAULT_MAX_STEPS
+
+    tasks = list(COMMONSENSE_TASKS)
+    mixture = dict(train_tasks=tasks, eval_tasks=tasks, max_steps=DEFAULT_MAX_STEPS, max_length=0, mixture=True)
+    held_out = dict(eval_size=MIXTURE_EVAL_SIZE, eval_split="eval")
+    grid_seed = seeds[0]
+    runs = [RunSpec("mt_base", "multitask", "base", 0, [], tasks, mixture=True, **held_out)]
+    methods = multitask_methods()
+    for name, method in methods.items():
+        if method.lr_from is None:
+            runs += [
+                RunSpec(grid_run_name(name, learning_rate), "multitask_lr", method.kind, grid_seed, adapter=method.adapter,
+                        learning_rate=learning_rate, router_lr_ratio=method.router_lr_ratio,
+                        probe_every=MULTITASK_PROBE_EVERY if method.kind == "moelora" else 0,
+                        eval_size=MIXTURE_VALIDATION_SIZE, eval_split="validation", **mixture)
+                for learning_rate in MULTITASK_LEARNING_RATES
+            ]  # fmt: skip
+    chosen = chosen_learning_rates(out_dir, grid_seed)
+
+    def final(name: str, seed: int) -> RunSpec:
+        method = methods[name]
+        learning_rate = chosen[method.lr_from or name]
+        # The grid's run at the chosen rate is this method's run for the grid's seed: only its evaluation is new.
+        reuse = (
+            f"{grid_run_name(name, learning_rate)}-seed{seed}" if method.lr_from is None and seed == grid_seed else ""
+        )
+        return RunSpec(name, "multitask", method.kind, seed, adapter=method.adapter, learning_rate=learning_rate,
+                       router_lr_ratio=method.router_lr_ratio, adapter_from=reuse, inputs=[reuse] if reuse else [],
+                       probe_every=MULTITASK_PROBE_EVERY if method.kind == "moelora" else 0, **mixture, **held_out)  # fmt: skip
+
+    ready = [name for name, method in methods.items() if (method.lr_from or name) in chosen]
+    tuned = [name for name in ready if methods[name].lr_from is None]
+    runs += [final(name, seed) for seed in seeds for name in tuned]  # the main comparison first, seed by seed
+    runs += [final(name, seed) for name in ready if name not in tuned for seed in seeds]
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,6 +434,16 @@ def merge(spec: RunSpec, work_dir: Path):
     return model, tokenizer, [], 0.0
 
 
+def load_trained(spec: RunSpec, work_dir: Path):
+    """The adapter that run `spec.adapter_from` trained, on the base model; returns (peft model, tokenizer)."""
+    from peft import PeftModel
+
+    from moe_peft_cli.models import load_base
+
+    model, tokenizer = load_base(None, "bfloat16")
+    return PeftModel.from_pretrained(model, str(work_dir / spec.adapter_from / "adapter")), tokenizer
+
+
 def evaluate(model, tokenizer, tasks: Sequence[str], eval_size: int, split: Optional[str] = None) -> dict:
     """Accuracy per task on the held-out questions of the single-task split, or (`split`) on the first `eval_size`
     questions of each task's split of the mixture."""
@@ -437,6 +559,8 @@ def run_one(spec: RunSpec, work_dir: Path, out_dir: Path) -> dict:
         (model, tokenizer), history, seconds = load_base(None, "bfloat16"), [], 0.0
     elif spec.kind == "merge":
         model, tokenizer, history, seconds = merge(spec, work_dir)
+    elif spec.adapter_from:
+        (model, tokenizer), history, seconds = load_trained(spec, work_dir), [], 0.0
     else:
         model, tokenizer, history, seconds = train(spec, work_dir)
         model.save_pretrained(str(work_dir / spec.run_dir / "adapter"))
@@ -456,6 +580,11 @@ def run_one(spec: RunSpec, work_dir: Path, out_dir: Path) -> dict:
             for h in history
             if any(key.startswith("router/") for key in h)
         ]
+    if spec.adapter_from:  # the training record is the source run's
+        source = json.loads((out_dir / "runs" / spec.adapter_from / "result.json").read_text())
+        for key in ("train_seconds", "trainable_params", "loss_curve", "routing_over_training"):
+            if key in source:
+                result[key] = source[key]
     if spec.kind in ("moelora", "mole"):
         texts = (
             mc_texts(spec.eval_tasks[0], "validation", 32)
@@ -501,12 +630,27 @@ def launch(spec: RunSpec, args, threads: int) -> tuple[RunSpec, int, float]:
 
 
 def run_all(args) -> int:
-    specs = plan(args.studies, args.seeds, args.max_steps, args.eval_size)
-    todo = [s for s in specs if not result_path(args.out_dir, s).is_file()]
-    print(f"{len(specs)} runs, {len(specs) - len(todo)} already done; {args.jobs} parallel jobs", flush=True)
-    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    """Run every missing run; plan again after each round, since some runs are planned from others' results."""
     failed: set[str] = set()
-    done = {s.run_dir for s in specs if s not in todo}
+    while True:
+        specs = plan(args.studies, args.seeds, args.max_steps, args.eval_size, args.out_dir)
+        todo = [s for s in specs if not result_path(args.out_dir, s).is_file() and s.run_dir not in failed]
+        if not todo:
+            break
+        print(
+            f"{len(specs)} runs planned, {len(specs) - len(todo)} already done; {args.jobs} parallel jobs", flush=True
+        )
+        if not run_round(args, specs, todo, failed):
+            break
+    report(args.out_dir)
+    return 1 if failed else 0
+
+
+def run_round(args, specs: Sequence[RunSpec], todo: list[RunSpec], failed: set[str]) -> bool:
+    """Run `todo` (inputs first); returns whether any run finished."""
+    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    done = {s.run_dir for s in specs if result_path(args.out_dir, s).is_file()}
+    finished_any = False
     with ThreadPoolExecutor(args.jobs) as pool:
         pending = {}
         while todo or pending:
@@ -527,12 +671,12 @@ def run_all(args) -> int:
             del pending[finished]
             if status == 0:
                 done.add(spec.run_dir)
+                finished_any = True
                 print(f"  done  {spec.run_dir} ({seconds / 60:.1f} min)", flush=True)
             else:
                 failed.add(spec.run_dir)
                 print(f"  FAIL  {spec.run_dir} (exit {status}; log {args.work_dir / spec.run_dir / 'log.txt'})")
-    report(args.out_dir)
-    return 1 if failed else 0
+    return finished_any
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -951,11 +1095,129 @@ def router_section(results: Sequence[dict], out_dir: Path) -> list[str]:
         "![routing over training](router_over_training.png)",
         "",
     ]
-    plot_router_over_training(out_dir / "router_over_training.png", groups)
+    plot_router_over_training(out_dir / "router_over_training.png", groups, ROUTER_LABELS)
     return lines
 
 
-def plot_router_over_training(path: Path, groups: dict) -> None:
+MULTITASK_LABELS = {
+    "mt_base": "base model (no adapter)",
+    "mt_lora_r64": "LoRA r=64",
+    "mt_moelora": "MoELoRA 8×r8 top-2 (+contrastive)",
+    "mt_moelora_no_contrastive": "MoELoRA without contrastive",
+    "mt_lora_r8": "LoRA r=8",
+    "mt_mola_2468": "MoLA 2-4-6-8",
+    "mt_mola_5555": "MoLA 5-5-5-5",
+}
+# (baseline, method, the claim, what the paper reports)
+MULTITASK_CLAIMS = (
+    ("mt_lora_r64", "mt_moelora", "MoE-LoRA beats LoRA at equal trainable parameters (8 tasks at once)",
+     "MixLoRA: 77.6 vs 71.8 average (Llama-2-7B); MoELoRA: +4.2 (math)"),
+    ("mt_lora_r8", "mt_moelora", "MoELoRA beats LoRA r=8 (the cheap adapter)", "–"),
+    ("mt_moelora_no_contrastive", "mt_moelora", "The contrastive loss improves accuracy", "MoELoRA / CoMoE: yes"),
+    ("mt_mola_5555", "mt_mola_2468", "MoLA 2-4-6-8 beats uniform 5-5-5-5 (same experts in all)", "MoLA: yes"),
+    ("mt_lora_r8", "mt_lora_r64", "LoRA r=64 beats LoRA r=8", "–"),
+    ("mt_base", "mt_lora_r64", "Fine-tuning on the mixture beats the base model", "–"),
+)  # fmt: skip
+
+
+def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
+    """Issue 11's study: the learning-rate grid (validation), the held-out table over seeds, the papers' claims as
+    paired verdicts, and the loss and routing-over-training figures."""
+    grid = _group(results, "multitask_lr")
+    grid.pop("base", None)
+    final = {name: runs for name, runs in _group(results, "multitask").items() if name != "base"}
+    if not grid and not final:
+        return []
+    lines = ["## A fair multi-task study: 8 commonsense tasks at once", ""]
+    if grid:
+        rates = list(MULTITASK_LEARNING_RATES)
+        lines += [
+            "Learning-rate choice: macro accuracy % on the validation questions (727 over the 8 tasks; never the "
+            "held-out ones), seed " + _seeds(next(iter(grid.values()))) + ". The best rate of each method (bold) is "
+            "its rate below; the variants take the rate of the method they vary.",
+            "",
+            "| method | " + " | ".join(f"lr {rate:g}" for rate in rates) + " |",
+            "|---" * (len(rates) + 1) + "|",
+        ]
+        for name in multitask_methods():
+            scores = {r["spec"]["learning_rate"]: _macro(r) for runs in grid.values() for r in runs
+                      if runs[0]["spec"]["name"].startswith(name + "_lr")}  # fmt: skip
+            if not scores:
+                continue
+            best = max(scores, key=scores.get) if len(scores) == len(rates) else None
+            cells = [("–" if rate not in scores else (f"**{100 * scores[rate]:.1f}**" if rate == best
+                      else f"{100 * scores[rate]:.1f}")) for rate in rates]  # fmt: skip
+            lines.append(f"| {MULTITASK_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if final:
+        tasks = list(next(iter(final.values()))[0]["eval"])
+        num_questions = sum(next(iter(final.values()))[0]["eval"][t]["n"] for t in tasks)
+        lines += [
+            f"Held-out accuracy % ({num_questions} questions over the 8 tasks, never trained on), mean ± std over seeds:",
+            "",
+            "| method | lr | seeds | macro | " + " | ".join(tasks) + " | trainable params | train min | "
+            "entropy / ln E | specialisation mean / max (chance) |",
+            "|---" * (len(tasks) + 8) + "|",
+        ]
+        for name in ["mt_base", *multitask_methods()]:
+            runs = final.get(name)
+            if not runs:
+                continue
+            spec = runs[0]["spec"]
+            trained = spec["kind"] != "base"
+            cells = [mean_std([r["eval"][t]["accuracy"] for r in runs]) for t in tasks]
+            entropy = [v / math.log(8) for v in (_last(r, "router/entropy") for r in runs) if v is not None]
+            special = [_last(r, "router/specialisation") for r in runs]
+            special_max = [_last(r, "router/specialisation_max") for r in runs]
+            chance = [_last(r, "router/specialisation_chance") for r in runs]
+            routing = "– | –"
+            if entropy:
+                routing = (f"{mean_std(entropy, 1.0, 3)} | {mean_std(special, 1.0, 3)} / {mean_std(special_max, 1.0, 3)}"
+                           f" ({mean_std(chance, 1.0, 3)})")  # fmt: skip
+            lines.append(
+                f"| {MULTITASK_LABELS.get(name, name)} | {spec['learning_rate'] if trained else '–'} | {_seeds(runs)} | "
+                f"{mean_std([_macro(r) for r in runs])} | " + " | ".join(cells) + " | "
+                + (f"{runs[0]['trainable_params'] / 1e6:.2f} M" if trained else "–") + " | "
+                + (f"{np.mean([r['train_seconds'] for r in runs]) / 60:.1f}" if trained else "–") + f" | {routing} |"
+            )  # fmt: skip
+        rows = []
+        for baseline, method, claim, paper in MULTITASK_CLAIMS:
+            pairs = _pairs(final, baseline, method)
+            if not pairs:
+                continue
+            differences = [_macro(b) - _macro(a) for a, b in pairs]
+            question_se = question_standard_error(pairs, tasks)
+            spread = f" ± {100 * np.std(differences, ddof=1):.1f}" if len(differences) > 1 else ""
+            rows.append(f"| {claim} | {paper} | {100 * np.mean(differences):+.1f}{spread} (n={len(differences)}; "
+                        f"question s.e. {100 * question_se:.1f}) | {verdict(differences, question_se)} |")  # fmt: skip
+        if rows:
+            lines += [
+                "",
+                "| claim (macro accuracy, held-out) | paper | here: difference in points, mean ± std over seeds | "
+                "verdict |",
+                "|---|---|---|---|",
+                *rows,
+            ]
+        lines += [
+            "",
+            "Verdicts as in the single-task claims table below (paired by seed; the standard error combines the "
+            "spread over seeds with the question-sampling error of the held-out set). Routing columns: the last "
+            "measurement of training (entropy of the training batch; specialisation from 8 validation questions "
+            f"per task routed every {MULTITASK_PROBE_EVERY} steps, with its chance level from shuffled task labels).",
+            "",
+            "![loss curves](multitask_loss.png) ![learning-rate grid loss curves](multitask_lr_loss.png)",
+            "",
+        ]
+        moe_groups = {name: runs for name, runs in final.items() if any(r.get("routing_over_training") for r in runs)}
+        if moe_groups:
+            lines += ["![routing over training](multitask_routing_over_training.png)", ""]
+            plot_router_over_training(out_dir / "multitask_routing_over_training.png", moe_groups, MULTITASK_LABELS)
+    plot_loss_curves(out_dir / "multitask_loss.png", results, "multitask", MULTITASK_LABELS)
+    plot_loss_curves(out_dir / "multitask_lr_loss.png", results, "multitask_lr", {})
+    return lines
+
+
+def plot_router_over_training(path: Path, groups: dict, labels: dict) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -971,7 +1233,7 @@ def plot_router_over_training(path: Path, groups: dict) -> None:
                 points = [(h["step"], scale * h[key]) for h in run.get("routing_over_training", []) if key in h]
                 if points:
                     axes.plot(*zip(*points), color=f"C{number}", alpha=0.8, linewidth=1, marker="o", markersize=2,
-                              label=ROUTER_LABELS[name] if seed == 0 else None)  # fmt: skip
+                              label=labels.get(name, name) if seed == 0 else None)  # fmt: skip
             chance = [(h["step"], h["router/specialisation_chance"]) for r in runs
                       for h in r.get("routing_over_training", []) if "router/specialisation_chance" in h]  # fmt: skip
             if key != "router/entropy" and chance and number == 0:
@@ -1008,21 +1270,27 @@ def report(out_dir: Path) -> Path:
     }
     commits = sorted({str(r["environment"].get("git_commit")) for r in results})
     if results:
-        spec = results[0]["spec"]
         dates = sorted(r["environment"]["date"] for r in results)
-        if spec.get("mixture"):
-            setting = (
-                f"{spec['max_steps']} optimizer steps of batch {spec['batch_size']} (padding-free, no truncation) per "
-                f"training run on the mixture of {len(spec['train_tasks'])} tasks; the first {spec['eval_size']} "
-                f"questions of each task's {spec['eval_split']} split."
-            )
-        else:
-            setting = (
-                f"{spec['max_steps']} optimizer steps of batch {spec['batch_size']} (max length {spec['max_length']}) "
-                f"per training run; {spec['eval_size']} held-out questions per task."
-            )
+        settings = {}
+        for result in results:
+            spec = result["spec"]
+            if spec["kind"] in ("base", "merge"):
+                continue
+            if spec.get("mixture"):
+                settings.setdefault(spec["study"], set()).add(
+                    f"{spec['max_steps']} optimizer steps of batch {spec['batch_size']} (padding-free, no truncation) "
+                    f"on the mixture of {len(spec['train_tasks'])} tasks; up to {spec['eval_size']} questions of each "
+                    f"task's {spec['eval_split']} split"
+                )  # fmt: skip
+            else:
+                settings.setdefault(spec["study"], set()).add(
+                    f"{spec['max_steps']} optimizer steps of batch {spec['batch_size']} (max length "
+                    f"{spec['max_length']}); {spec['eval_size']} held-out questions per task"
+                )  # fmt: skip
         lines += [
-            f"Runs: {len(results)}, {dates[0]} to {dates[-1]}; {setting}",
+            f"Runs: {len(results)}, {dates[0]} to {dates[-1]}. Training runs: "
+            + "; ".join(f"`{study}`: {' or '.join(sorted(texts))}" for study, texts in sorted(settings.items()))
+            + ".",
             "",
             "Environment: " + "; ".join(f"`{e}`" for e in sorted(envs)),
             "",
@@ -1073,6 +1341,7 @@ def report(out_dir: Path) -> Path:
             "are renormalised.",
             "",
         ]
+    lines += multitask_section(results, out_dir)
     lines += router_section(results, out_dir)
     claims = claims_table(results)
     if claims:
@@ -1093,7 +1362,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every missing run of the chosen studies, then write the report")
     run.add_argument(
-        "--studies", nargs="+", choices=("moelora", "mola", "mole", "router"), default=["moelora", "mola", "mole"]
+        "--studies",
+        nargs="+",
+        choices=("moelora", "mola", "mole", "router", "multitask"),
+        default=["moelora", "mola", "mole"],
     )
     run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     run.add_argument("--max_steps", type=int, default=60)

@@ -207,3 +207,108 @@ def test_report_tables_pair_by_seed_and_plots_are_pngs(science, tmp_path):
         assert f"+10.0 points ({task}; question s.e. 0.0) | yes |" in text
     for png in ("moelora_accuracy.png", "moelora_loss.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _write(science, out_dir, spec, result):
+    path = science.result_path(out_dir, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+
+
+def test_multitask_study_tunes_on_validation_then_runs_seeds_on_held_out_questions(science, tmp_path):
+    """The final runs appear only once a method's whole grid has finished, at its best validation rate; the variants
+    take the rate of the method they vary; seed 0 of a tuned method reuses the grid's adapter."""
+    from moe_peft_cli.data import COMMONSENSE_TASKS
+    from moe_peft_cli.train import DEFAULT_MAX_STEPS
+
+    runs = science.plan(["multitask"], seeds=[0, 1, 2], max_steps=1, eval_size=1, out_dir=tmp_path)
+    grid = [r for r in runs if r.study == "multitask_lr"]
+    assert [r.kind for r in runs if r.study == "multitask"] == ["base"]  # nothing chosen yet
+    assert {(r.name, r.seed) for r in grid} == {
+        (science.grid_run_name(m, lr), 0) for m in ("mt_lora_r64", "mt_moelora") for lr in science.MULTITASK_LEARNING_RATES
+    }  # fmt: skip
+    for run in runs:
+        assert (
+            run.mixture
+            and run.train_tasks in ([], list(COMMONSENSE_TASKS))
+            and run.eval_tasks == list(COMMONSENSE_TASKS)
+        )
+        assert run.eval_split == ("validation" if run.study == "multitask_lr" else "eval")  # never choose on held-out
+        assert run.kind == "base" or run.max_steps == DEFAULT_MAX_STEPS  # the main job's length
+    # LoRA's grid finishes with 1e-3 best; MoELoRA's grid is one run short.
+    best = {1e-4: 0.40, 3e-4: 0.45, 1e-3: 0.47}
+    for run in grid:
+        if run.name.startswith("mt_lora_r64") or run.learning_rate != 1e-3:
+            accuracy = best[run.learning_rate] if run.name.startswith("mt_lora_r64") else 0.5 - run.learning_rate * 100
+            _write(science, tmp_path, run, _fake_result(science, run, {t: accuracy for t in COMMONSENSE_TASKS}))
+    runs = science.plan(["multitask"], seeds=[0, 1, 2], max_steps=1, eval_size=1, out_dir=tmp_path)
+    final = [r for r in runs if r.study == "multitask" and r.kind != "base"]
+    assert {r.name for r in final} == {"mt_lora_r64", "mt_lora_r8"}
+    assert {r.learning_rate for r in final} == {1e-3}
+    reuse = [r for r in final if r.adapter_from]
+    assert [(r.name, r.seed, r.adapter_from, r.inputs) for r in reuse] == [
+        ("mt_lora_r64", 0, "mt_lora_r64_lr0.001-seed0", ["mt_lora_r64_lr0.001-seed0"])
+    ]
+    assert all(r.eval_size == 400 and r.eval_split == "eval" for r in final)
+    # MoELoRA's grid completes: 1e-4 is its best; its variants follow it, and the main comparison runs first.
+    last = next(r for r in grid if r.name == science.grid_run_name("mt_moelora", 1e-3))
+    _write(science, tmp_path, last, _fake_result(science, last, {t: 0.1 for t in COMMONSENSE_TASKS}))
+    runs = science.plan(["multitask"], seeds=[0, 1, 2], max_steps=1, eval_size=1, out_dir=tmp_path)
+    final = [r for r in runs if r.study == "multitask" and r.kind != "base"]
+    order = [(r.name, r.seed) for r in final]
+    assert order[:6] == [(n, s) for s in (0, 1, 2) for n in ("mt_lora_r64", "mt_moelora")]
+    rates = {r.name: r.learning_rate for r in final}
+    assert rates["mt_moelora"] == rates["mt_moelora_no_contrastive"] == rates["mt_mola_2468"] == 1e-4
+    assert rates["mt_lora_r8"] == rates["mt_lora_r64"] == 1e-3
+    assert len(order) == len(set(order)) == 3 * len(science.multitask_methods())
+    mola = {r.name: r.adapter["num_experts"] for r in final if r.name.startswith("mt_mola")}
+    assert sum(mola["mt_mola_2468"]) == sum(mola["mt_mola_5555"]) == 150  # MoLA's claim is at equal experts
+    seen = set()
+    for run in runs:
+        assert all(i in seen for i in run.inputs), f"{run.run_dir} runs before its inputs"
+        seen.add(run.run_dir)
+
+
+def test_multitask_report_gives_the_grid_the_held_out_table_and_paired_verdicts(science, tmp_path):
+    from moe_peft_cli.data import COMMONSENSE_TASKS
+
+    tasks = list(COMMONSENSE_TASKS)
+
+    def correct(rate, n=50):
+        return [1] * int(rate * n) + [0] * (n - int(rate * n))
+
+    grid_scores = {("mt_lora_r64", 3e-4): 0.5, ("mt_moelora", 3e-4): 0.5}
+    runs = science.plan(["multitask"], seeds=[0, 1, 2], max_steps=1, eval_size=1, out_dir=tmp_path)
+    for run in runs:
+        if run.study == "multitask_lr":
+            method = run.name.rsplit("_lr", 1)[0]
+            accuracy = grid_scores.get((method, run.learning_rate), 0.4)
+            _write(science, tmp_path, run, _fake_result(science, run, {t: accuracy for t in tasks}))
+    runs = science.plan(["multitask"], seeds=[0, 1, 2], max_steps=1, eval_size=1, out_dir=tmp_path)
+    for run in runs:
+        if run.study != "multitask" or run.name not in ("mt_base", "mt_lora_r64", "mt_moelora"):
+            continue
+        rate = {"mt_base": 0.3, "mt_lora_r64": 0.5, "mt_moelora": 0.6}[run.name] + (0.02 * run.seed if run.seed else 0)
+        result = _fake_result(science, run, {t: rate for t in tasks})
+        for task in tasks:
+            result["eval"][task].update(n=50, correct=correct(rate))
+        if run.name == "mt_moelora":
+            result["routing_over_training"] = [
+                {"step": s, "router/entropy": 2.0, "router/specialisation": 0.03, "router/specialisation_max": 0.1,
+                 "router/specialisation_chance": 0.01} for s in (0, 50, 100)
+            ]  # fmt: skip
+        _write(science, tmp_path, run, result)
+    text = science.report(tmp_path).read_text()
+    assert "| method | lr 0.0001 | lr 0.0003 | lr 0.001 |" in text
+    assert "| LoRA r=64 | 40.0 | **50.0** | 40.0 |" in text
+    assert "| MoELoRA 8×r8 top-2 (+contrastive) | 40.0 | **50.0** | 40.0 |" in text
+    assert "Held-out accuracy % (400 questions over the 8 tasks" in text
+    assert "| LoRA r=64 | 0.0003 | 0,1,2 | 52.0 ± 2.0 |" in text
+    assert "| base model (no adapter) | – | 0 | 30.0 (1 seed) |" in text
+    # MoELoRA - LoRA r=64: +10 points at every seed; entropy 2.0 / ln 8; specialisation from the last probe.
+    assert "| MoE-LoRA beats LoRA at equal trainable parameters (8 tasks at once) |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| MoE-LoRA beats LoRA"))
+    assert "+10.0 ± 0.0 (n=3;" in row and row.endswith("| agrees |")
+    assert "0.962 ± 0.000 | 0.030 ± 0.000 / 0.100 ± 0.000 (0.010 ± 0.000)" in text
+    for name in ("multitask_loss.png", "multitask_lr_loss.png", "multitask_routing_over_training.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
