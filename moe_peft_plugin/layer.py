@@ -280,6 +280,7 @@ class Linear(nn.Module, MoeLoraLayer):
                 routing.selected,
                 options.contrastive_temperature,
                 context.token_weight(batch_shape),
+                index=routing.index,
             )
             components["contrastive"] = contrastive
             weighted_contrastive = contrastive_coef * contrastive

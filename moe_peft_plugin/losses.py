@@ -83,6 +83,7 @@ def expert_contrastive_loss(
     selected: torch.Tensor,
     temperature: float,
     token_weight: Optional[torch.Tensor] = None,
+    index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """InfoNCE contrastive loss over expert outputs (MoELoRA, arXiv 2402.12851), computed in rank space.
 
@@ -97,7 +98,7 @@ def expert_contrastive_loss(
     This pulls each expert's outputs together and pushes different experts apart, so experts learn distinct
     features. All inner products are taken through the Gram matrix `B_e^T B_f` (`(E, r, E, r)`), so the
     `(tokens, E, out)` expert outputs are never materialised: the cost is `O(tokens * E^2 * r)` instead of
-    `O(tokens * E * out)`.
+    `O(tokens * E * out)`, and `O(tokens * k * E * r)` when `index` lists the `k` selected experts of each token.
 
     Args:
         h: `(tokens, E, r)` expert inputs `A_e x_t` (before gating and scaling).
@@ -105,6 +106,8 @@ def expert_contrastive_loss(
         selected: `(tokens, E)` bool, the pairs that take part (top-k selection).
         temperature: InfoNCE temperature.
         token_weight: `(tokens,)` 1 for real tokens, 0 for padding.
+        index: `(tokens, k)` the selected experts of each token (`Routing.index`), if `selected` is exactly these
+            pairs: the loss is then computed on the selected pairs only (the same value in `k / E` of the work).
     """
     if h.shape[1] < 2:
         return h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
@@ -116,24 +119,42 @@ def expert_contrastive_loss(
     gram = (flat_B.T @ flat_B).view(num_experts, rank, num_experts, rank)  # (E, r, E, r): B_e^T B_f
     gram_diag = gram.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (E, r, r): B_e^T B_e
     tiny = 1e-12
-    norm_sq = torch.einsum("ter,ers,tes->te", h, gram_diag, h)  # (tokens, E): |y[t, e]|^2
     # A plain normalisation has a gradient of 1/|y|, which explodes while the experts are still ~0 (B starts at 0):
-    # the norm gets a floor proportional to the expert inputs, so the loss fades in as the experts grow.
+    # the norm gets a floor proportional to the expert inputs (all pairs), so the loss fades in as the experts grow.
     floor_sq = CONTRASTIVE_NORM_FLOOR**2 * h.detach().square().sum(-1).mean()
-    h_unit = h * (norm_sq + floor_sq).clamp_min(tiny).rsqrt().unsqueeze(-1)  # coefficients of u[t, e] in B_e's basis
-
-    pair_weight = selected.to(dtype)
+    sparse = index is not None and index.shape[1] < num_experts
+    if sparse:
+        # Only the pairs (t, index[t, j]): (tokens, k, ...) tensors instead of (tokens, E, ...).
+        target = index.long()
+        h = h.gather(1, target.unsqueeze(-1).expand(-1, -1, rank))  # (tokens, k, r)
+        norm_sq = torch.einsum("tkr,tkrs,tks->tk", h, gram_diag[target], h)  # (tokens, k): |y|^2
+        pair_weight = torch.ones(target.shape, dtype=dtype, device=h.device)
+    else:
+        target = torch.arange(num_experts, device=h.device).expand(h.shape[0], -1)
+        norm_sq = torch.einsum("ter,ers,tes->te", h, gram_diag, h)  # (tokens, E): |y[t, e]|^2
+        pair_weight = selected.to(dtype)
     if token_weight is not None:
         pair_weight = pair_weight * token_weight.to(dtype).unsqueeze(-1)
-    count = pair_weight.sum(dim=0)  # (E,)
-    proto = torch.einsum("te,ter->er", pair_weight, h_unit) / count.clamp_min(1.0).unsqueeze(-1)  # (E, r)
+    h_unit = h * (norm_sq + floor_sq).clamp_min(tiny).rsqrt().unsqueeze(-1)  # coefficients of u in B_e's basis
+
+    if sparse:
+        flat_index = target.flatten()
+        count = pair_weight.new_zeros(num_experts).index_add(0, flat_index, pair_weight.flatten())  # (E,)
+        weighted = (pair_weight.unsqueeze(-1) * h_unit).flatten(0, 1)
+        total = h_unit.new_zeros(num_experts, rank).index_add(0, flat_index, weighted)  # (E, r)
+    else:
+        count = pair_weight.sum(dim=0)  # (E,)
+        total = torch.einsum("te,ter->er", pair_weight, h_unit)
+    proto = total / count.clamp_min(1.0).unsqueeze(-1)  # (E, r)
     proto_norm_sq = torch.einsum("er,ers,es->e", proto, gram_diag, proto)
     proto = proto * (proto_norm_sq + CONTRASTIVE_NORM_FLOOR**2).clamp_min(tiny).rsqrt().unsqueeze(-1)
 
     gram_proto = torch.einsum("erfs,fs->erf", gram, proto)  # (E, r, E): B_e^T p_f
-    sim = torch.einsum("ter,erf->tef", h_unit, gram_proto) / temperature  # (tokens, E, E): <u[t, e], p_f> / T
+    if sparse:  # (tokens, k, E): <u[t, index[t, j]], p_f> / T
+        sim = torch.einsum("tkr,tkrf->tkf", h_unit, gram_proto[target]) / temperature
+    else:  # (tokens, E, E): <u[t, e], p_f> / T
+        sim = torch.einsum("ter,erf->tef", h_unit, gram_proto) / temperature
     # Experts that received no token have no prototype and are no negatives.
     sim = sim.masked_fill((count == 0).view(1, 1, -1), torch.finfo(sim.dtype).min)
-    target = torch.arange(num_experts, device=h.device).expand(h.shape[0], -1)
     nll = F.cross_entropy(sim.flatten(0, 1), target.flatten(), reduction="none").view_as(pair_weight)
     return (nll * pair_weight).sum() / pair_weight.sum().clamp_min(1.0)

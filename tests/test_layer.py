@@ -400,19 +400,23 @@ def test_z_loss_and_gate_balance_formulas():
     )
 
 
+@pytest.mark.parametrize("selected_pairs_only", [False, True], ids=["dense", "selected-pairs"])
 @pytest.mark.parametrize("with_padding", [False, True])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
-def test_contrastive_loss_matches_materialised_reference(top_k, with_padding):
+def test_contrastive_loss_matches_materialised_reference(top_k, with_padding, selected_pairs_only):
     torch.manual_seed(top_k)
     num_experts, r, d_in, d_out, tokens = 4, 3, 10, 9, 12
     x = torch.randn(tokens, d_in, dtype=torch.float64, requires_grad=True)
     A = torch.randn(num_experts, r, d_in, dtype=torch.float64, requires_grad=True)
     B = torch.randn(num_experts, d_out, r, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(tokens, num_experts, dtype=torch.float64)
-    selected = route(logits, top_k, "topk").selected
+    logits[:, 3] -= 10.0  # expert 3 gets no token: no prototype, no negative
+    routing = route(logits, top_k, "topk")
+    selected = routing.selected
     token_weight = (torch.arange(tokens) >= 4).long() if with_padding else None
     h = torch.einsum("ti,eri->ter", x, A)
-    fast = L.expert_contrastive_loss(h, B, selected, temperature=0.1, token_weight=token_weight)
+    index = routing.index if selected_pairs_only else None
+    fast = L.expert_contrastive_loss(h, B, selected, temperature=0.1, token_weight=token_weight, index=index)
     ref = reference_contrastive(x, A, B, selected, temperature=0.1, token_weight=token_weight)
     torch.testing.assert_close(fast.double(), ref, rtol=1e-6, atol=1e-8)
     grads_fast = torch.autograd.grad(fast, (x, A, B))
