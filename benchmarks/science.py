@@ -263,7 +263,7 @@ def multitask_study(seeds: Sequence[int], out_dir: Optional[Path]) -> list[RunSp
     mixture = dict(train_tasks=tasks, eval_tasks=tasks, max_steps=DEFAULT_MAX_STEPS, max_length=0, mixture=True)
     held_out = dict(eval_size=MIXTURE_EVAL_SIZE, eval_split="eval")
     grid_seed = seeds[0]
-    runs = [RunSpec("mt_base", "multitask", "base", 0, [], tasks, mixture=True, **held_out)]
+    runs: list[RunSpec] = []
     methods = multitask_methods()
     for name, method in methods.items():
         if method.lr_from is None:
@@ -290,6 +290,8 @@ def multitask_study(seeds: Sequence[int], out_dir: Optional[Path]) -> list[RunSp
     ready = [name for name, method in methods.items() if (method.lr_from or name) in chosen]
     tuned = [name for name in ready if methods[name].lr_from is None]
     runs += [final(name, seed) for seed in seeds for name in tuned]  # the main comparison first, seed by seed
+    if tuned:  # the base model: the held-out questions are scored only once a rate is chosen
+        runs.append(RunSpec("mt_base", "multitask", "base", 0, [], tasks, mixture=True, **held_out))
     runs += [final(name, seed) for name in ready if name not in tuned for seed in seeds]
     return runs
 
