@@ -413,7 +413,7 @@ def mc_texts(task: str, split: str, count: int) -> list[str]:
     from moe_peft_cli.data import load_mc_file, prepare_mixture
 
     items = load_mc_file(str(prepare_mixture().mc_file(task, split)))[:count]
-    return [item.prompt + item.choices[item.label] for item in items]
+    return [item.answered for item in items]
 
 
 def merge(spec: RunSpec, work_dir: Path):
@@ -492,7 +492,7 @@ def held_out_texts(task: str, eval_size: int, num_prompts: int = 32) -> list[str
     from moe_peft_cli.data import load_mc_file, prepare_benchmark
 
     items = load_mc_file(str(prepare_benchmark(task, eval_size, seed=0).mc_eval))[:num_prompts]
-    return [item.prompt + item.choices[item.label] for item in items]
+    return [item.answered for item in items]
 
 
 def routing_measures(model, tokenizer, texts: Sequence[str]) -> dict:

@@ -101,7 +101,7 @@ def _texts(options, info: dict, split: str, limit: int) -> list[str]:
     if texts:
         return texts
     items, _ = _held_out_items(options, info, split)
-    return [item.prompt + item.choices[item.label] for item in items[:limit]]
+    return [item.answered for item in items[:limit]]
 
 
 def _read_lines(path: str) -> list[str]:

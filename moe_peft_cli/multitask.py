@@ -49,49 +49,32 @@ def mixture_items(
     return {task: load_mc_file(str(mixture.mc_file(task, split)))[:per_task] for task in tasks}
 
 
-def score_tasks(model, tokenizer, items: Mapping[str, Sequence[MCItem]], options, name: str, routing=None):
-    """`{task: Accuracy}` of `model`; with `routing` (a `TaskRoutingAccumulator`), also its routing by task.
-
-    While the routing is collected, the router losses are switched off (nothing uses them here; with the main job's
-    adapter they took ~14% of the scoring time in one measurement) and restored afterwards.
-    """
-    from moe_peft_plugin import MoeLoraLayer
-    from moe_peft_plugin.routing import ROUTER_LOSS_COEFFICIENTS
-
-    if routing is None:
-        return _score_tasks(model, tokenizer, items, options, name, None)
-    layers = [module for module in model.modules() if isinstance(module, MoeLoraLayer)]
-    saved = [(layer, dict(layer.routing_options)) for layer in layers]
-    model.base_model.set_router_loss_coefficients(update_config=False, **dict.fromkeys(ROUTER_LOSS_COEFFICIENTS, 0.0))
-    try:
-        return _score_tasks(model, tokenizer, items, options, name, routing)
-    finally:
-        for layer, options_by_adapter in saved:
-            layer.routing_options.update(options_by_adapter)
-
-
-def _score_tasks(model, tokenizer, items, options, name: str, routing):
+def score_tasks(model, tokenizer, items: Mapping[str, Sequence[MCItem]], options, name: str) -> dict:
+    """`{task: Accuracy}` of `model` on the questions of each task."""
     from moe_peft_plugin.evaluation import accuracy, score_items
 
     results = {}
-    tuner = model.base_model if routing is not None else None
     for task, task_items in items.items():
-        after_forward = None
-        if routing is not None:
-
-            def after_forward(mask, task=task):
-                routing.add(tuner.get_routing_stats(), [task] * len(mask), mask)
-
-        scores = score_items(model, tokenizer, task_items, options.batch_size, description=f"{name}: {task}",
-                             after_forward=after_forward)  # fmt: skip
+        scores = score_items(model, tokenizer, task_items, options.batch_size, description=f"{name}: {task}")
         results[task] = accuracy(name, scores, options.metric)
     return results
 
 
+def routing_texts(items: Mapping[str, Sequence[MCItem]]) -> dict[str, list[str]]:
+    """The texts whose routing shows which experts each task uses: every question with its correct answer."""
+    return {task: [item.answered for item in task_items] for task, task_items in items.items()}
+
+
 def eval_mixture(options, info: Mapping, tasks: Sequence[str]) -> int:
     """`moe-peft eval` of a multi-task run: the per-task table, `eval_results.json` and the routing by task."""
-    from moe_peft_plugin import MoeLoraModel, TaskRoutingAccumulator
-    from moe_peft_plugin.evaluation import chance_level, format_task_table, macro_bootstrap, paired_bootstrap
+    from moe_peft_plugin import MoeLoraModel
+    from moe_peft_plugin.evaluation import (
+        chance_level,
+        collect_task_routing,
+        format_task_table,
+        macro_bootstrap,
+        paired_bootstrap,
+    )
 
     from .models import base_model_of, load_adapter, load_base
 
@@ -107,10 +90,10 @@ def eval_mixture(options, info: Mapping, tasks: Sequence[str]) -> int:
         base = score_tasks(model, tokenizer, items, options, "base model")
     if options.adapter:
         model = load_adapter(model, options.adapter)
+        tuned = score_tasks(model, tokenizer, items, options, "fine-tuned")
         if isinstance(model.base_model, MoeLoraModel):
-            model.base_model.record_sample_routing(True)
-            routing = TaskRoutingAccumulator(tasks=list(tasks), keep_samples=True)
-        tuned = score_tasks(model, tokenizer, items, options, "fine-tuned", routing)
+            log("routing the held-out questions (with their correct answers) by task")
+            routing = collect_task_routing(model, tokenizer, routing_texts(items), options.batch_size)
     total = sum(len(task_items) for task_items in items.values())
     title = (
         f"{len(tasks)} tasks, {total} held-out questions never seen in training, log-likelihood scoring "
@@ -177,7 +160,7 @@ def report_routing(routing, adapter_dir: str, top: int = 5) -> dict:
     ranked = sorted(values, key=values.get, reverse=True)
     lines = [
         f"Do the experts specialise by task? Specialisation per layer (0: all tasks route alike, 1: the task fixes the "
-        f"experts), over {routing.num_samples} scored texts: mean {summary['mean']:.3f}, max {summary['max']:.3f}; "
+        f"experts), over {routing.num_samples} held-out questions with their correct answers: mean {summary['mean']:.3f}, max {summary['max']:.3f}; "
         f"chance level {chance_mean:.3f}; {summary['layers_above_twice_chance']} of {len(values)} layers above twice "
         "their chance level. Most specialised layers:",
     ]

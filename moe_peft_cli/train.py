@@ -266,16 +266,13 @@ def specialisation_callbacks(info: Mapping) -> list:
     few validation questions of each task (never the held-out ones)."""
     from trainer_callbacks import TaskSpecialisationCallback
 
-    from .multitask import mixture_items, mixture_seed
+    from .multitask import mixture_items, mixture_seed, routing_texts
 
     if not info["train_data"].get("mixture"):
         return []
     tasks = info["train_data"]["tasks"]
     items = mixture_items(tasks, SPECIALISATION_PROBE_PER_TASK, "validation", seed=mixture_seed(info))
-    probe = {
-        task: [item.prompt + item.choices[item.label] for item in task_items] for task, task_items in items.items()
-    }
-    return [TaskSpecialisationCallback(probe, every_n_steps=SPECIALISATION_EVERY)]
+    return [TaskSpecialisationCallback(routing_texts(items), every_n_steps=SPECIALISATION_EVERY)]
 
 
 def sft_command(defaults: Mapping[str, object], given: Mapping[str, Any], filled: Mapping[str, object]) -> list[str]:

@@ -25,6 +25,7 @@ from .constants import PREFIX
 from .layer import MERGE_ERROR_MESSAGE, Linear, MoeLoraLayer, MoeLoraMergeError, set_router_loss_coefficients
 from .mole import LoraExperts, check_target_modules, load_lora_experts
 from .outputs import with_aux_loss_field
+from .routing import ROUTER_LOSS_COEFFICIENTS
 from .state import ForwardContext, ReplayInContext, RoutingState, RoutingStats, build_aux_loss
 
 
@@ -388,6 +389,20 @@ class MoeLoraModel(BaseTuner):
             yield
         finally:
             state.inference_only = previous
+
+    @contextlib.contextmanager
+    def without_router_losses(self) -> Iterator[None]:
+        """Forwards inside compute no router losses (every coefficient is 0) but still record routing statistics,
+        e.g. to collect the routing on evaluation text (the contrastive loss alone can cost 15% of a forward). The
+        coefficients of every layer are restored on exit; the saved config is never changed."""
+        layers = [module for module in self.model.modules() if isinstance(module, MoeLoraLayer)]
+        saved = [(layer, dict(layer.routing_options)) for layer in layers]
+        set_router_loss_coefficients(layers, None, **dict.fromkeys(ROUTER_LOSS_COEFFICIENTS, 0.0))
+        try:
+            yield
+        finally:
+            for layer, options_by_adapter in saved:
+                layer.routing_options.update(options_by_adapter)
 
     @contextlib.contextmanager
     def expert_mask(self, experts: Sequence[Union[int, str]], adapter_name: Optional[str] = None) -> Iterator[None]:

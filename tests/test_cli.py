@@ -316,6 +316,49 @@ def test_score_items_matches_a_direct_computation(tiny_model_dir):
         assert scores.correct(metric).shape == (3,)
 
 
+@pytest.mark.parametrize("adapter", ["none", "moelora"])
+def test_scoring_from_the_prompt_cache_equals_scoring_whole_sequences(tiny_model_dir, adapter, monkeypatch):
+    """The shared-prompt path (one prompt forward, options from its KV cache; prompts of different lengths left-padded
+    in one batch, options of different lengths and counts) gives the log-likelihoods of whole sequences, in float64;
+    a question longer than `max_length` is scored whole, left-truncated."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    if adapter == "moelora":
+        config = MoeLoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], num_experts=4, top_k=2,
+                               init_weights=False, contrastive_loss_coef=0.1)  # fmt: skip
+        model = get_peft_model(model, config)
+    model.eval()
+    items = [
+        *_items(),
+        MCItem("4", "a", [" b c d e f", " g"], 1),
+        MCItem("5", "the mat is on the cat and the dog is on the river bank, said the fox", [" yes", " no", " x"], 2),
+    ]
+    paths = {}
+    for name in ("_score_with_shared_prompts", "_score_whole_sequences"):
+        original = getattr(cli_eval, name)
+        monkeypatch.setattr(cli_eval, name, lambda *a, _f=original, _n=name: (paths.setdefault(_n, a[3]), _f(*a))[1])
+    shared = cli_eval.score_items(model, tokenizer, items, batch_size=4, progress=False)
+    assert len(paths["_score_with_shared_prompts"]) >= 3 and paths["_score_whole_sequences"] == [
+        3
+    ]  # "a": options long
+    whole = cli_eval.score_items(
+        model, tokenizer, items, batch_size=3, progress=False, after_forward=lambda mask: None
+    )
+    for q in range(len(items)):
+        np.testing.assert_allclose(shared.logprob[q], whole.logprob[q], rtol=1e-10, atol=1e-10)
+        np.testing.assert_array_equal(shared.num_tokens[q], whole.num_tokens[q])
+    # Too long for max_length: scored whole, left-truncated (the same as the whole-sequence path).
+    short = cli_eval.score_items(model, tokenizer, items, max_length=12, progress=False)
+    short_whole = cli_eval.score_items(model, tokenizer, items, max_length=12, progress=False,
+                                       after_forward=lambda mask: None)  # fmt: skip
+    for q in range(len(items)):
+        np.testing.assert_allclose(short.logprob[q], short_whole.logprob[q], rtol=1e-10, atol=1e-10)
+    assert not np.allclose(short.logprob[4], shared.logprob[4])  # question 5 was truncated
+
+
 def _mc_file(tmp_path):
     path = tmp_path / "questions.jsonl"
     with open(path, "w") as handle:
@@ -724,29 +767,3 @@ def test_eval_of_a_multi_task_run_reports_every_task_and_the_routing(fake_mixtur
     single = json.load(open(adapter / "eval_results.json"))
     assert single["num_questions"] == 5 and single["source"] == "PIQA, held-out questions of the mixture"
     assert len(cli_data.load_mc_file(str(mixture.mc_file("piqa", "eval")))) == FAKE_TASKS["piqa"] // 3
-
-
-def test_scoring_with_routing_scores_alike_and_restores_the_router_losses(fake_mixture, tiny_model_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    from moe_peft_cli.multitask import mixture_items, score_tasks
-    from moe_peft_plugin import TaskRoutingAccumulator
-
-    model = _save_moelora(tiny_model_dir, str(tmp_path / "adapter"), contrastive_loss_coef=0.05).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    items = mixture_items(fake_mixture, 4)
-    options = SimpleNamespace(batch_size=3, metric="acc_char")
-    before = [dict(m.routing_options) for m in model.modules() if hasattr(m, "routing_options")]
-    plain = score_tasks(model, tokenizer, items, options, "plain")
-    model.base_model.record_sample_routing(True)
-    routing = TaskRoutingAccumulator(tasks=fake_mixture)
-    layer = next(m for m in model.modules() if hasattr(m, "routing_options"))
-    during, add = [], routing.add
-    routing.add = lambda *args: (during.append(layer.routing_options["default"].contrastive_loss_coef), add(*args))
-    routed = score_tasks(model, tokenizer, items, options, "routed", routing)
-    assert during and set(during) == {0.0}  # no router loss is computed while only the routing is collected
-    assert routing.num_samples == sum(len(item.choices) for i in items.values() for item in i)  # every scored text
-    for task in fake_mixture:
-        assert np.array_equal(plain[task].correct, routed[task].correct)
-    assert [dict(m.routing_options) for m in model.modules() if hasattr(m, "routing_options")] == before
-    assert before[0]["default"].contrastive_loss_coef == 0.05

@@ -242,3 +242,43 @@ def test_tiny_model_end_to_end():
         # The token-weighted mean over the tasks is the layer's own expert load (padding excluded).
         np.testing.assert_allclose(result.expert_load, combined.expert_load.numpy(), atol=1e-6)
         np.testing.assert_array_equal(result.num_samples, [5, 4])
+
+
+def test_collect_task_routing_routes_each_task_without_router_losses_and_restores_the_model():
+    from moe_peft_plugin import MoeLoraLayer
+    from moe_peft_plugin.evaluation import collect_task_routing
+
+    model, tokenizer = build_tiny_llama()
+    config = MoeLoraConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "down_proj"], init_weights=False,
+                           contrastive_loss_coef=0.05)  # fmt: skip
+    model = get_peft_model(model, config)
+    model.train()
+    texts = {"cats": ["the cat sat on the mat", "a cat"], "dogs": ["the dog ran", "dogs bark", "a dog and a cat"]}
+    layers = [m for m in model.modules() if isinstance(m, MoeLoraLayer)]
+    before = [dict(layer.routing_options) for layer in layers]
+    seen = []
+    original = layers[0].forward
+    layers[0].forward = lambda *a, **k: (seen.append(layers[0].routing_options["default"].contrastive_loss_coef),
+                                         original(*a, **k))[1]  # fmt: skip
+    accumulator = collect_task_routing(model, tokenizer, texts, batch_size=2)
+    assert seen and set(seen) == {0.0}  # no router loss while routing
+    assert [dict(layer.routing_options) for layer in layers] == before and model.training
+    assert not model.base_model._routing_state.record_sample_routing
+    assert accumulator.tasks == ["cats", "dogs"] and accumulator.num_samples == 5
+    # The same loads as routing each text by hand (routing does not depend on the losses).
+    del layers[0].forward
+    model.eval()
+    model.base_model.record_sample_routing(True)
+    by_hand = TaskRoutingAccumulator(tasks=["cats", "dogs"])
+    for task, task_texts in texts.items():
+        for text in task_texts:
+            batch = tokenizer([text], return_tensors="pt")
+            with torch.no_grad():
+                model(**batch)
+            by_hand.add(model.base_model.get_routing_stats(), [task], batch["attention_mask"])
+    expected, got = by_hand.results(), accumulator.results()
+    assert expected.keys() == got.keys() and len(got) == 2 * 4
+    for name in got:
+        np.testing.assert_allclose(got[name].load, expected[name].load, rtol=1e-6, atol=1e-9)
+    with pytest.raises(TypeError, match="MOELORA adapter"):
+        collect_task_routing(model.get_base_model(), tokenizer, texts)

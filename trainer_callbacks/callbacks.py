@@ -245,33 +245,14 @@ class TaskSpecialisationCallback(MoeLoraTrainerCallback):
             self._measure(state)
 
     def _measure(self, state) -> None:
-        import torch
-
-        from moe_peft_plugin import MoeLoraModel, TaskRoutingAccumulator
+        from moe_peft_plugin import MoeLoraModel
+        from moe_peft_plugin.evaluation import collect_task_routing
 
         trainer = self._require_trainer()
-        model = trainer.model
-        tuner = getattr(model, "base_model", None)
-        if not isinstance(tuner, MoeLoraModel):
+        if not isinstance(getattr(trainer.model, "base_model", None), MoeLoraModel):
             raise TypeError("TaskSpecialisationCallback needs a `PeftModel` with a MOELORA adapter.")
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-        device = next(p for p in model.parameters()).device
-        accumulator = TaskRoutingAccumulator(tasks=list(self.probe), keep_samples=True)
-        was_training = model.training
-        model.eval()
-        tuner.record_sample_routing(True)
-        try:
-            with torch.no_grad():
-                for task, texts in self.probe.items():
-                    for begin in range(0, len(texts), self.batch_size):
-                        batch = tokenizer(texts[begin : begin + self.batch_size], return_tensors="pt", padding=True,
-                                          truncation=True, max_length=self.max_length).to(device)  # fmt: skip
-                        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                        accumulator.add(tuner.get_routing_stats(), [task] * len(batch["input_ids"]),
-                                        batch["attention_mask"])  # fmt: skip
-        finally:
-            tuner.record_sample_routing(False)
-            model.train(was_training)
+        accumulator = collect_task_routing(trainer.model, tokenizer, self.probe, self.batch_size, self.max_length)
         values = [r.specialisation for r in accumulator.results().values()]
         values = [v for v in values if np.isfinite(v)]
         chance = [v for v in accumulator.chance_specialisation(num_permutations=3).values() if np.isfinite(v)]
