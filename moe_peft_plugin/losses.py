@@ -125,9 +125,14 @@ def expert_contrastive_loss(
     sparse = index is not None and index.shape[1] < num_experts
     if sparse:
         # Only the pairs (t, index[t, j]): (tokens, k, ...) tensors instead of (tokens, E, ...).
+        # Products with every expert's matrices are cheap (r x r and r x E); gathering their results rather than the
+        # matrices keeps the tensors saved for the backward pass at (tokens, k, r).
+        # (Indexing, not `gather`: the backward of `gather` keeps its whole input.)
         target = index.long()
-        h = h.gather(1, target.unsqueeze(-1).expand(-1, -1, rank))  # (tokens, k, r)
-        norm_sq = torch.einsum("tkr,tkrs,tks->tk", h, gram_diag[target], h)  # (tokens, k): |y|^2
+        token = torch.arange(h.shape[0], device=h.device).unsqueeze(-1)
+        gram_h = torch.einsum("ter,ers->tes", h, gram_diag)  # (tokens, E, r): B_e^T B_e h[t, e]
+        h = h[token, target]  # (tokens, k, r)
+        norm_sq = (h * gram_h[token, target]).sum(-1)  # (tokens, k): |y|^2
         pair_weight = torch.ones(target.shape, dtype=dtype, device=h.device)
     else:
         target = torch.arange(num_experts, device=h.device).expand(h.shape[0], -1)
@@ -151,7 +156,8 @@ def expert_contrastive_loss(
 
     gram_proto = torch.einsum("erfs,fs->erf", gram, proto)  # (E, r, E): B_e^T p_f
     if sparse:  # (tokens, k, E): <u[t, index[t, j]], p_f> / T
-        sim = torch.einsum("tkr,tkrf->tkf", h_unit, gram_proto[target]) / temperature
+        every = torch.einsum("tkr,erf->tkef", h_unit, gram_proto)  # in every expert's basis; keep the pair's own
+        sim = every[token, torch.arange(target.shape[1], device=h.device), target] / temperature
     else:  # (tokens, E, E): <u[t, e], p_f> / T
         sim = torch.einsum("ter,erf->tef", h_unit, gram_proto) / temperature
     # Experts that received no token have no prototype and are no negatives.
