@@ -15,6 +15,12 @@ import dataclasses
 from typing import Optional
 
 import torch
+from transformers.modeling_outputs import (
+    CausalLMOutput,
+    CausalLMOutputWithPast,
+    Seq2SeqLMOutput,
+    SequenceClassifierOutputWithPast,
+)
 from transformers.utils import ModelOutput
 
 
@@ -59,3 +65,9 @@ def with_aux_loss_field(outputs: ModelOutput, aux_loss: Optional[torch.Tensor]) 
         outputs = _subclass_with_aux_loss(type(outputs))(**outputs)
     outputs["aux_loss"] = aux_loss
     return outputs
+
+
+# The usual outputs get their subclass at import: creating a class inside a forward traced by `torch.compile` would
+# break the graph (`fullgraph=True` would fail) on the first call.
+for _output_class in (CausalLMOutputWithPast, CausalLMOutput, SequenceClassifierOutputWithPast, Seq2SeqLMOutput):
+    _subclass_with_aux_loss(_output_class)

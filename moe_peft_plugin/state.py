@@ -159,7 +159,12 @@ class ForwardContext:
         return not any(key[0] == id(layer) for key in self.graph_layers)
 
     def watch_backward(self, layer_output: torch.Tensor) -> None:
-        """Check, once a backward pass has reached the adapter layers, that it also reached `aux_loss`."""
+        """Check, once a backward pass has reached the adapter layers, that it also reached `aux_loss`.
+
+        Not under `torch.compile`: a hook that changes Python state would break the compiled graph at every layer, and
+        the check is a diagnostic (an eager step shows the same warning)."""
+        if torch.compiler.is_compiling():
+            return
         if not self._watching_backward and layer_output.requires_grad:
             self._watching_backward = True
             layer_output.register_hook(lambda grad: self.backward_reached_layers())
@@ -358,6 +363,11 @@ def build_aux_loss(context: ForwardContext, device: torch.device) -> torch.Tenso
         if num_without_graph == 0:
             return graph_loss  # nothing of this forward trains a router
         graph_loss = torch.zeros((), device=device, requires_grad=True)
+    if num_without_graph == 0 and torch.compiler.is_compiling():
+        # The anchor's backward (it records the gradient of `aux_loss` for the layers a reentrant checkpoint recomputes
+        # without a graph, and for the missing-gradient warning) changes Python state, which torch.compile cannot
+        # trace; with every layer's loss in the graph it is not needed, and the value and gradient are the same.
+        return graph_loss + (total - graph_loss.detach())
     return _AuxLossAnchor.apply(graph_loss, total - graph_loss.detach(), context, 1.0 / num_records)
 
 

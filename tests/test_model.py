@@ -274,6 +274,29 @@ def test_inference_only_gives_the_same_logits_without_router_losses_or_statistic
     assert "expert_contrastive_loss" in calls
 
 
+def test_torch_compile_traces_one_graph_and_matches_eager_forward_and_backward():
+    """`torch.compile(fullgraph=True)` fails on any graph break: the MOELORA layers, the routing context hooks and the
+    router losses (load balancing and contrastive) trace as one graph, forward and backward (AOTAutograd,
+    `aot_eager`: no C++ compiler needed), with the eager values and gradients."""
+    model, tokenizer = _peft_model(dict(num_experts=4, top_k=2, aux_loss_coef=0.01, contrastive_loss_coef=0.1))
+    model.train()
+    inputs = batch(tokenizer)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    outputs = compiled(**inputs, labels=inputs["input_ids"])
+    outputs.loss.backward()
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    eager = model(**inputs, labels=inputs["input_ids"])
+    eager.loss.backward()
+    torch.testing.assert_close(outputs.loss, eager.loss)
+    torch.testing.assert_close(outputs.aux_loss, eager.aux_loss)
+    assert eager.aux_loss > 0
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(compiled_grads[name], parameter.grad, msg=name)
+    assert all(compiled_grads[n].abs().sum() > 0 for n in compiled_grads if "router" in n)
+
+
 def test_padding_tokens_do_not_change_router_losses():
     model, tokenizer = _peft_model(MODEL_CASES[0][1])
     model.eval()
