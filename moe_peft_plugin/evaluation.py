@@ -4,7 +4,8 @@ Each option is scored by the log-probability the model gives to it as a continua
 the best-scoring option. `acc` compares summed log-probabilities, `acc_token` the mean per token and `acc_char` the sum
 divided by the option's length in characters (the OLMES "RC" convention, the default: it does not favour short
 options). Accuracy comes with a 95% Wilson score interval, and the difference between two models on the same
-questions with a 95% paired bootstrap interval.
+questions with a 95% paired bootstrap interval. `collect_task_routing` routes evaluation texts by task through a
+MOELORA model (which experts each task uses, per layer).
 
 Used by `moe-peft eval`, `moe-peft train` and `benchmarks/science.py`; needs numpy and torch, nothing else.
 """
@@ -186,7 +187,7 @@ def score_items(
     tuner = getattr(model, "base_model", None)
     logits_only = isinstance(tuner, MoeLoraModel) and after_forward is None
     with torch.inference_mode(), tuner.inference_only() if logits_only else contextlib.nullcontext():
-        _score_with_shared_prompts(model, tokenizer, encoded, shared, batch_size, logprob, bar)
+        whole += _score_with_shared_prompts(model, tokenizer, encoded, shared, batch_size, logprob, bar)
         _score_whole_sequences(
             model, tokenizer, encoded, whole, batch_size, max_length, logprob, num_tokens, bar, after_forward
         )
@@ -203,12 +204,13 @@ def _log_softmax(logits):
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
 
 
-def _score_with_shared_prompts(model, tokenizer, encoded, questions, batch_size, logprob, bar) -> None:
-    """A batch of prompts (left-padded) with a KV cache, then every option of each from its prompt's cache."""
+def _score_with_shared_prompts(model, tokenizer, encoded, questions, batch_size, logprob, bar) -> list[int]:
+    """A batch of prompts (left-padded) with a KV cache, then every option of each from its prompt's cache. Returns
+    the questions left to score as whole sequences: all of them if the model returns no KV cache."""
     import torch
 
     if not questions:
-        return
+        return []
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -228,6 +230,8 @@ def _score_with_shared_prompts(model, tokenizer, encoded, questions, batch_size,
         outputs = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                         position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1)  # fmt: skip
         cache = getattr(outputs, cache_name, None)
+        if cache is None or not hasattr(cache, "batch_select_indices"):
+            return order[begin:]
         first = _log_softmax(outputs.logits[:, -1])  # the prompt's last position predicts option token 0
 
         rows = [row for row, q in enumerate(batch) for _ in encoded[q][1]]
@@ -255,6 +259,7 @@ def _score_with_shared_prompts(model, tokenizer, encoded, questions, batch_size,
                 n += 1
             if bar is not None:
                 bar.update(1)
+    return []
 
 
 def _score_whole_sequences(

@@ -350,6 +350,21 @@ def test_scoring_from_the_prompt_cache_equals_scoring_whole_sequences(tiny_model
     for q in range(len(items)):
         np.testing.assert_allclose(shared.logprob[q], whole.logprob[q], rtol=1e-10, atol=1e-10)
         np.testing.assert_array_equal(shared.num_tokens[q], whole.num_tokens[q])
+    # A model that returns no KV cache is scored whole.
+    class WithoutCache(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            outputs = self.inner(**kwargs)
+            for key in ("cache", "past_key_values"):
+                setattr(outputs, key, None)
+            return outputs
+
+    without_cache = cli_eval.score_items(WithoutCache(model), tokenizer, items, batch_size=4, progress=False)
+    for q in range(len(items)):
+        np.testing.assert_allclose(without_cache.logprob[q], whole.logprob[q], rtol=1e-10, atol=1e-10)
     # Too long for max_length: scored whole, left-truncated (the same as the whole-sequence path).
     short = cli_eval.score_items(model, tokenizer, items, max_length=12, progress=False)
     short_whole = cli_eval.score_items(model, tokenizer, items, max_length=12, progress=False,
