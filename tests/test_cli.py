@@ -350,6 +350,7 @@ def test_scoring_from_the_prompt_cache_equals_scoring_whole_sequences(tiny_model
     for q in range(len(items)):
         np.testing.assert_allclose(shared.logprob[q], whole.logprob[q], rtol=1e-10, atol=1e-10)
         np.testing.assert_array_equal(shared.num_tokens[q], whole.num_tokens[q])
+
     # A model that returns no KV cache is scored whole.
     class WithoutCache(torch.nn.Module):
         def __init__(self, inner):
