@@ -1150,7 +1150,7 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
             cells = [("–" if rate not in scores else (f"**{100 * scores[rate]:.1f}**" if rate == best
                       else f"{100 * scores[rate]:.1f}")) for rate in rates]  # fmt: skip
             lines.append(f"| {MULTITASK_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", "![training loss of the grid runs](multitask_lr_loss.png)", ""]
     if final:
         tasks = list(next(iter(final.values()))[0]["eval"])
         num_questions = sum(next(iter(final.values()))[0]["eval"][t]["n"] for t in tasks)
@@ -1207,7 +1207,7 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
             "measurement of training (entropy of the training batch; specialisation from 8 validation questions "
             f"per task routed every {MULTITASK_PROBE_EVERY} steps, with its chance level from shuffled task labels).",
             "",
-            "![loss curves](multitask_loss.png) ![learning-rate grid loss curves](multitask_lr_loss.png)",
+            "![training loss, mean over seeds](multitask_loss.png)",
             "",
         ]
         moe_groups = {name: runs for name, runs in final.items() if any(r.get("routing_over_training") for r in runs)}
