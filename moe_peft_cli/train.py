@@ -28,7 +28,7 @@ from .errors import UserError
 from .models import RUN_FILE
 
 
-# The embedded default: the 8 commonsense tasks at once, ~17 minutes of training and ~10 of evaluation on 2 CPU cores
+# The embedded default: the 8 commonsense tasks at once, ~15 minutes of training and ~9 of evaluation on 2 CPU cores
 # (SmolLM2-135M-Instruct, bf16). A single --benchmark trains longer on its one task, as before.
 DEFAULT_MAX_STEPS = 100
 SINGLE_TASK_MAX_STEPS = 250
