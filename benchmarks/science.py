@@ -42,7 +42,7 @@ Usage:
     python benchmarks/science.py run --studies mole --seeds 0 --max_steps 20   # a quick look
     python benchmarks/science.py report                   # tables and plots from the finished runs only
     python benchmarks/science.py run --studies router --seeds 0 1 --max_steps 150 --jobs 1 --out_dir docs/science/multitask
-    python benchmarks/science.py run --studies multitask --jobs 1 --out_dir docs/science/multitask   # ~6 h on 2 cores
+    python benchmarks/science.py run --studies multitask --jobs 1 --out_dir docs/science/multitask   # ~10 h on 2 cores
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def mola_list(allocation: Sequence[int]) -> list[int]:
 def plan(
     studies: Sequence[str], seeds: Sequence[int], max_steps: int, eval_size: int, out_dir: Optional[Path] = None
 ) -> list[RunSpec]:
-    """Every run of the chosen studies, in an order where the inputs of a run come before it (and, in priority order).
+    """Every run of the chosen studies, in priority order, where the inputs of a run come before it.
 
     The `multitask` study's final runs depend on the learning rates its grid runs choose: they are planned once those
     runs have finished (results in `out_dir`), so `run_all` plans again after each round.
