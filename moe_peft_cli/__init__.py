@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-peft",
         description="Mixture-of-LoRA-experts fine-tuning (MoELoRA, MoLA, MoLE) for peft: train, evaluate, inspect, "
         "export.",
-        epilog="Start with `moe-peft train` (about 30 minutes on 2 CPU cores), then `moe-peft inspect` and "
+        epilog="Start with `moe-peft train` (about 25 minutes on 2 CPU cores), then `moe-peft inspect` and "
         "`moe-peft export` on its output. Each subcommand has --help.",
         formatter_class=_formatter,
         allow_abbrev=False,
