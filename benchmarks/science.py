@@ -133,7 +133,7 @@ def plan(
     """Every run of the chosen studies, in priority order, where the inputs of a run come before it.
 
     The `multitask` study's final runs depend on the learning rates its grid runs choose: they are planned once those
-    runs have finished (results in `out_dir`), so `run_all` plans again after each round.
+    runs have finished (results in `out_dir`), so `run_all` plans again whenever a run finishes.
     """
     common = dict(max_steps=max_steps, eval_size=eval_size)
     moe = dict(r=8, lora_alpha=16, target_modules="all-linear", num_experts=8, top_k=2, aux_loss_coef=AUX_LOSS_COEF)
@@ -632,38 +632,30 @@ def launch(spec: RunSpec, args, threads: int) -> tuple[RunSpec, int, float]:
 
 
 def run_all(args) -> int:
-    """Run every missing run; plan again after each round, since some runs are planned from others' results."""
-    failed: set[str] = set()
-    while True:
-        specs = plan(args.studies, args.seeds, args.max_steps, args.eval_size, args.out_dir)
-        todo = [s for s in specs if not result_path(args.out_dir, s).is_file() and s.run_dir not in failed]
-        if not todo:
-            break
-        print(
-            f"{len(specs)} runs planned, {len(specs) - len(todo)} already done; {args.jobs} parallel jobs", flush=True
-        )
-        if not run_round(args, specs, todo, failed):
-            break
-    report(args.out_dir)
-    return 1 if failed else 0
+    """Run every missing run in plan order, `args.jobs` at a time; returns 1 if any run failed.
 
-
-def run_round(args, specs: Sequence[RunSpec], todo: list[RunSpec], failed: set[str]) -> bool:
-    """Run `todo` (inputs first); returns whether any run finished."""
+    The plan is made again whenever a run finishes: some runs (the multitask study's final runs) are planned from
+    other runs' results, and they must take their place in the priority order at once rather than after everything
+    that was planned before them.
+    """
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
-    done = {s.run_dir for s in specs if result_path(args.out_dir, s).is_file()}
-    finished_any = False
+    failed: set[str] = set()
+    pending: dict = {}
+    announced = None
     with ThreadPoolExecutor(args.jobs) as pool:
-        pending = {}
-        while todo or pending:
-            ready = [s for s in todo if all(i in done for i in s.inputs)]
-            blocked = [s for s in todo if any(i in failed for i in s.inputs)]
-            for spec in blocked:
+        while True:
+            specs = plan(args.studies, args.seeds, args.max_steps, args.eval_size, args.out_dir)
+            done = {s.run_dir for s in specs if result_path(args.out_dir, s).is_file()}
+            running = {s.run_dir for s in pending.values()}
+            todo = [s for s in specs if s.run_dir not in done | running | failed]
+            if (len(specs), len(done)) != announced and todo:
+                announced = (len(specs), len(done))
+                print(f"{len(specs)} runs planned, {len(done)} already done; {args.jobs} parallel jobs", flush=True)
+            for spec in [s for s in todo if any(i in failed for i in s.inputs)]:
                 print(f"  skip {spec.run_dir}: an input run failed", flush=True)
                 failed.add(spec.run_dir)
-                todo.remove(spec)
+            ready = [s for s in todo if s.run_dir not in failed and all(i in done for i in s.inputs)]
             for spec in ready[: args.jobs - len(pending)]:
-                todo.remove(spec)
                 pending[pool.submit(launch, spec, args, threads)] = spec
                 print(f"  start {spec.run_dir}", flush=True)
             if not pending:
@@ -671,14 +663,13 @@ def run_round(args, specs: Sequence[RunSpec], todo: list[RunSpec], failed: set[s
             finished = next(as_completed(pending))
             spec, status, seconds = finished.result()
             del pending[finished]
-            if status == 0:
-                done.add(spec.run_dir)
-                finished_any = True
+            if status == 0 and result_path(args.out_dir, spec).is_file():
                 print(f"  done  {spec.run_dir} ({seconds / 60:.1f} min)", flush=True)
             else:
                 failed.add(spec.run_dir)
                 print(f"  FAIL  {spec.run_dir} (exit {status}; log {args.work_dir / spec.run_dir / 'log.txt'})")
-    return finished_any
+    report(args.out_dir)
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

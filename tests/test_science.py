@@ -270,6 +270,34 @@ def test_multitask_study_tunes_on_validation_then_runs_seeds_on_held_out_questio
         seen.add(run.run_dir)
 
 
+def test_runner_plans_again_after_each_run_so_newly_planned_runs_keep_their_priority(science, tmp_path, monkeypatch):
+    """A final run planned from a grid run's result goes before a variant that was planned earlier but ranks lower."""
+    import argparse
+
+    def spec(name):
+        return science.RunSpec(name, "multitask", "lora", 0, [], [])
+
+    grid, final, variant = spec("grid"), spec("final"), spec("variant")
+
+    def plan(*args):
+        grid_done = science.result_path(tmp_path, grid).is_file()
+        return [grid, final, variant] if grid_done else [grid, variant]
+
+    launched = []
+
+    def launch(run, args, threads):
+        launched.append(run.name)
+        _write(science, tmp_path, run, {})
+        return run, 0, 0.0
+
+    monkeypatch.setattr(science, "plan", plan)
+    monkeypatch.setattr(science, "launch", launch)
+    monkeypatch.setattr(science, "report", lambda out_dir: None)
+    args = argparse.Namespace(studies=["multitask"], seeds=[0], max_steps=1, eval_size=1, jobs=1, out_dir=tmp_path)
+    assert science.run_all(args) == 0
+    assert launched == ["grid", "final", "variant"]
+
+
 def test_multitask_report_gives_the_grid_the_held_out_table_and_paired_verdicts(science, tmp_path):
     from moe_peft_cli.data import COMMONSENSE_TASKS
 
