@@ -229,7 +229,10 @@ class RoutingState:
 
     def open_forward(self, context: ForwardContext) -> None:
         self.active = context
-        if torch.is_grad_enabled():
+        # Not under `torch.compile`: dynamo would guard on the list's length and liveness, so the second training step
+        # (one forward registered, then dead) would compile the model again. The list only serves layers recomputed
+        # by a checkpointing that transformers did not set up, which replays eager Python outside the compiled graph.
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._grad_forwards = [ref for ref in self._grad_forwards if ref() is not None]
             self._grad_forwards.append(weakref.ref(context))
 

@@ -297,6 +297,24 @@ def test_torch_compile_traces_one_graph_and_matches_eager_forward_and_backward()
     assert all(compiled_grads[n].abs().sum() > 0 for n in compiled_grads if "router" in n)
 
 
+def test_torch_compile_compiles_once_over_training_steps():
+    """Steps after the first reuse the compiled graph: no Python state of the routing context is guarded on."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, tokenizer = _peft_model(dict(num_experts=4, top_k=2, aux_loss_coef=0.01))
+    model.train()
+    inputs = batch(tokenizer)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for _ in range(3):
+        compiled(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert counter.frame_count == 1
+
+
 def test_padding_tokens_do_not_change_router_losses():
     model, tokenizer = _peft_model(MODEL_CASES[0][1])
     model.eval()
