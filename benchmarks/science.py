@@ -292,7 +292,8 @@ def multitask_study(seeds: Sequence[int], out_dir: Optional[Path]) -> list[RunSp
     runs += [final(name, seed) for seed in seeds for name in tuned]  # the main comparison first, seed by seed
     if tuned:  # the base model: the held-out questions are scored only once a rate is chosen
         runs.append(RunSpec("mt_base", "multitask", "base", 0, [], tasks, mixture=True, **held_out))
-    runs += [final(name, seed) for name in ready if name not in tuned for seed in seeds]
+    # The variants seed by seed too: wherever the budget ends, every claim has the same number of seeds.
+    runs += [final(name, seed) for seed in seeds for name in ready if name not in tuned]
     return runs
 
 

@@ -258,6 +258,8 @@ def test_multitask_study_tunes_on_validation_then_runs_seeds_on_held_out_questio
     final = [r for r in runs if r.study == "multitask" and r.kind != "base"]
     order = [(r.name, r.seed) for r in final]
     assert order[:6] == [(n, s) for s in (0, 1, 2) for n in ("mt_lora_r64", "mt_moelora")]
+    variants = len(science.multitask_methods()) - 2
+    assert [s for _, s in order[6:]] == [s for s in (0, 1, 2) for _ in range(variants)]  # seed by seed
     rates = {r.name: r.learning_rate for r in final}
     assert rates["mt_moelora"] == rates["mt_moelora_no_contrastive"] == rates["mt_mola_2468"] == 1e-4
     assert rates["mt_lora_r8"] == rates["mt_lora_r64"] == 1e-3
