@@ -441,6 +441,7 @@ def load_trained(spec: RunSpec, work_dir: Path):
     """The adapter that run `spec.adapter_from` trained, on the base model; returns (peft model, tokenizer)."""
     from peft import PeftModel
 
+    import moe_peft_plugin  # noqa: F401  (registers MOELORA, which `PeftModel.from_pretrained` looks up)
     from moe_peft_cli.models import load_base
 
     model, tokenizer = load_base(None, "bfloat16")

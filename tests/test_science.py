@@ -272,6 +272,34 @@ def test_multitask_study_tunes_on_validation_then_runs_seeds_on_held_out_questio
         seen.add(run.run_dir)
 
 
+def test_a_grid_runs_moelora_adapter_loads_for_its_held_out_scoring(tmp_path):
+    """`load_trained` in a fresh process, as `science.py one` runs it: nothing else has registered MOELORA there."""
+    import subprocess
+
+    model, _ = build_tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    config = MoeLoraConfig(num_experts=2, top_k=1, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(tmp_path / "work" / "grid-seed0" / "adapter")
+    script = f"""
+import importlib.util, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("science_benchmark", {str(SCRIPT)!r})
+science = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = science
+spec.loader.exec_module(science)
+import moe_peft_cli.models
+from transformers import AutoModelForCausalLM
+assert "moe_peft_plugin" not in sys.modules
+moe_peft_cli.models.load_base = lambda *args: (AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r}), None)
+run = science.RunSpec("final", "multitask", "moelora", 0, [], [], adapter_from="grid-seed0")
+model, _ = science.load_trained(run, Path({str(tmp_path / "work")!r}))
+print(model.peft_config["default"].peft_type)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("MOELORA")
+
+
 def test_runner_plans_again_after_each_run_so_newly_planned_runs_keep_their_priority(science, tmp_path, monkeypatch):
     """A final run planned from a grid run's result goes before a variant that was planned earlier but ranks lower."""
     import argparse
