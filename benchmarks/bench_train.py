@@ -224,12 +224,12 @@ class Runner:
 COMPILED = " [compiled]"
 
 
-def make_runner(case: Case, base: nn.Module, copy_base: bool = True, compile: bool = False) -> Runner:
+def make_runner(case: Case, base: nn.Module, copy_base: bool = True, torch_compile: bool = False) -> Runner:
     base_bytes = tensor_bytes(base.parameters())
     model = wrap(base, case, copy_base)
     params = [p for p in model.parameters() if p.requires_grad]
     runner = Runner(case, model, torch.optim.AdamW(params, lr=1e-4), base_bytes)
-    if compile:
+    if torch_compile:
         # Every config is its own model behind the same `forward` code: dynamo compiles once per model (and per
         # shape), so its recompile limit (8) would silently leave the later configs eager. Raised, and made an error.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -470,7 +470,7 @@ def bench_model(label: str, base: nn.Module, source: str, args, dtype, device, p
     progress(f"{label}: wrapping {len(cases)} configs")
     runners = [make_runner(case, base) for case in cases]
     if args.torch_compile and not args.skip_train:  # the compiled configs run interleaved with the eager ones
-        runners += [make_runner(case, base, compile=True) for case in cases]
+        runners += [make_runner(case, base, torch_compile=True) for case in cases]
     report = {"source": source, "description": describe(base), "batch": args.batch, "seq": args.seq}
     failures = []
     if not args.skip_train:
