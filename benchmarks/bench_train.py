@@ -20,7 +20,8 @@ weights, optimizer state and the step's transient memory; the other configs' mod
 Also measured: greedy generation with KV cache (batch 1) in tokens/s against LoRA r=8, and, with bitsandbytes, a
 4-bit NF4 base (QLoRA) with LoRA against MOELORA.
 
-Configs: LoRA r=8, LoRA r=64, MOELORA E=8 r=8 top-2 (load balancing 0.01), the same + contrastive loss (0.01), MoLA
+Configs: LoRA r=8, LoRA r=64, MOELORA E=8 r=8 top-2 (load balancing 0.01), the same + contrastive loss (0.01), the
+same with `router_sharing=True` (opt-in: q/k/v and gate/up share a router; no target, reported), MoLA
 (2-4-6-8 experts over four groups of layers, top-2), MoLE (3 frozen experts with soft routing, learned temperature,
 gating-balance loss; the experts are random here, standing in for trained LoRAs: the cost is the same).
 Models: `smollm2-135m`, the embedded SmolLM2-135M-Instruct (d=576, 30 layers; skipped if it is not available), and
@@ -78,6 +79,7 @@ CONTRASTIVE_VS_OFF = 1.15
 GENERATION_VS_LORA_R8 = 0.90  # tokens/s, higher is better
 
 R8, R64, MOE = "LoRA r=8", "LoRA r=64", "MOELORA E=8 r=8 top-2"
+SHARED = "MOELORA E=8 shared routers"  # router_sharing=True: q/k/v and gate/up share one router
 MIB = 2**20
 
 
@@ -107,6 +109,7 @@ def train_cases(num_layers: int) -> list[Case]:
         Case(R64, "lora", dict(r=64)),
         Case(MOE, "moe", moe, targets=("time", "mem")),
         Case("MOELORA E=8 +contrastive", "moe", dict(moe, contrastive_loss_coef=0.01), contrastive_off=MOE),
+        Case(SHARED, "moe", dict(moe, router_sharing=True)),
         Case(f"MoLA {mola_label}", "moe", dict(moe, num_experts=mola), targets=("time", "mem")),
         Case(
             "MoLE soft E=3 frozen",
@@ -480,7 +483,7 @@ def bench_model(label: str, base: nn.Module, source: str, args, dtype, device, p
 
     if not args.skip_generation:
         gen_models = {"base (no adapter)": base}
-        gen_models.update({r.name: r.model for r in runners if r.name in (R8, R64, MOE)})
+        gen_models.update({r.name: r.model for r in runners if r.name in (R8, R64, MOE, SHARED)})
         gen_report, gen_failures = bench_generation(label, gen_models, vocab, args, device, problems)
         report["generation"] = gen_report
         failures += gen_failures

@@ -13,6 +13,9 @@ from .constants import PEFT_TYPE
 
 
 ROUTER_TYPES = ("topk", "soft")
+# `router_sharing=True`: the projections of a decoder layer that read the same input in Llama-family models (Llama,
+# Mistral, Qwen, Gemma, SmolLM, ...): the attention input (q/k/v) and the MLP input (gate/up).
+DEFAULT_ROUTER_SHARING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 DEFAULT_NUM_EXPERTS = 8  # `num_experts` when it is left unset (None) and there are no `expert_adapters`
 BIAS_TYPES = ("none", "all", "moelora_only")
 
@@ -64,6 +67,43 @@ def _check_int_or_list(name: str, value: Any) -> None:
 def _check_coef(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
         raise ValueError(f"`{name}` must be a float >= 0 (0 disables the loss), got {value!r}.")
+
+
+def _normalize_router_sharing(value: Any) -> Union[bool, list[list[str]]]:
+    """`router_sharing` as False, True, or a list of groups (lists of at least two distinct module names, no name in
+    two groups); raises a `ValueError` naming the field otherwise."""
+    if isinstance(value, bool):
+        return value
+    allowed = (
+        "`router_sharing` must be a bool or a list of groups of module names, e.g. "
+        '[["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]'
+    )
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{allowed}, got {value!r}.")
+    groups, seen = [], set()
+    for group in value:
+        if isinstance(group, str) or not isinstance(group, (list, tuple)):
+            raise ValueError(f"{allowed}; each group is a list of names, got {group!r}.")
+        names = list(group)
+        if len(names) < 2 or not all(isinstance(n, str) and n and "." not in n for n in names):
+            raise ValueError(
+                f"{allowed}; each group needs at least two module names (the name inside the parent module, "
+                f"without dots), got {group!r}."
+            )
+        if len(set(names)) != len(names) or seen & set(names):
+            raise ValueError(f"{allowed}; a module name may appear once, got {value!r}.")
+        seen.update(names)
+        groups.append(names)
+    return groups
+
+
+def router_sharing_groups(router_sharing: Union[bool, list[list[str]]]) -> tuple[tuple[str, ...], ...]:
+    """The groups of module names that share a router under `router_sharing` (none when it is False)."""
+    if router_sharing is True:
+        return DEFAULT_ROUTER_SHARING_GROUPS
+    if not router_sharing:
+        return ()
+    return tuple(tuple(group) for group in router_sharing)
 
 
 def mola_group_sizes(num_layers: int, num_groups: int) -> list[int]:
@@ -228,6 +268,18 @@ class MoeLoraConfig(PeftConfig):
             `False` otherwise.
         expert_names (`Optional[List[str]]`):
             Names of the experts (filled from `expert_adapters`); informational.
+        router_sharing (`Union[bool, List[List[str]]]`):
+            Opt-in, as MixLoRA does: the projections of one block that read the same input share one router, and the
+            routing of a token is computed once for all of them. `True` groups q/k/v and gate/up (Llama-family
+            names); a list of groups names them, e.g. `[["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]`
+            (names inside their parent module; the members of a group must sit in the same parent, e.g. one
+            `self_attn`). The first member of each group holds the router; the others use it. The result is exactly
+            that of identical copies of one router in every member (same outputs, router losses, statistics and, summed
+            over the copies, gradients), at the cost of one router: its matmul and routing run once per input tensor.
+            A member that gets another input tensor (e.g. the keys of a cross-attention) routes its own input with the
+            shared router. This departs from MoELoRA and MoLA, which give every projection its own router: with `True`
+            and all linear layers of a Llama block adapted, 4 routers instead of 7. `False` (default): one router
+            per adapted projection.
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank of every expert."})
@@ -305,6 +357,13 @@ class MoeLoraConfig(PeftConfig):
     expert_names: Optional[list[str]] = field(
         default=None, metadata={"help": "Names of the experts (filled from expert_adapters); informational."}
     )
+    router_sharing: Union[bool, list[list[str]]] = field(
+        default=False,
+        metadata={
+            "help": "Projections that read the same input share one router (MixLoRA): True groups q/k/v and gate/up; "
+            "or a list of groups of module names. False: one router per projection."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -337,6 +396,7 @@ class MoeLoraConfig(PeftConfig):
             self.freeze_experts = mole
         if self.num_experts is None:
             self.num_experts = len(self.expert_adapters) if mole else DEFAULT_NUM_EXPERTS
+        self.router_sharing = _normalize_router_sharing(self.router_sharing)
 
     def _validate(self) -> None:
         """Check the normalised fields; raise a `ValueError` naming the field and what is allowed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable
@@ -46,7 +47,17 @@ class MoeLoraLayer(BaseTunerLayer):
 
     # Trainable adapter tensors; the experts are stacked: A (E, r, in), B (E, out, r), router (E, in).
     adapter_layer_names = ("moelora_A", "moelora_B", "moelora_router", "moelora_log_temperature")
-    other_param_names = ("r", "num_experts", "top_k", "scaling", "moelora_dropout", "routing_options", "expert_mask")
+    other_param_names = (
+        "r",
+        "num_experts",
+        "top_k",
+        "scaling",
+        "moelora_dropout",
+        "routing_options",
+        "expert_mask",
+        "router_owner",
+        "_router_users",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -59,6 +70,11 @@ class MoeLoraLayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.routing_options: dict[str, RoutingOptions] = {}
         self.expert_mask: dict[str, Optional[torch.Tensor]] = {}
+        # `router_sharing`: the layer holding the router this layer uses, per adapter (absent: its own router). A plain
+        # dict, so the owner is not registered as a submodule (its parameters stay in one place in the state dict).
+        self.router_owner: dict[str, MoeLoraLayer] = {}
+        self._router_users: dict[str, int] = {}  # on an owner: the number of layers using its router, itself included
+        self._shared_routing: dict[tuple[str, bool], list] = {}  # on an owner: see `_shared_routing_of`
         self.moelora_A = nn.ParameterDict({})
         self.moelora_B = nn.ParameterDict({})
         self.moelora_router = nn.ParameterDict({})
@@ -86,6 +102,7 @@ class MoeLoraLayer(BaseTunerLayer):
         top_k: int,
         experts: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         inference_mode: bool = False,
+        router_owner: Optional[MoeLoraLayer] = None,
     ) -> None:
         """Create (or re-create) the experts and the router of `adapter_name` in this layer.
 
@@ -93,10 +110,22 @@ class MoeLoraLayer(BaseTunerLayer):
             num_experts, top_k: resolved for this layer (MoLA lists are expanded by the model).
             experts: MoLE: `(A, B)` stacked weights of trained LoRAs, `(E, r, in)` and `(E, out, r)`, with the LoRA
                 scaling already folded into B.
+            router_owner: `router_sharing`: the layer whose router (and learned temperature) this layer uses; it gets
+                none of its own.
         """
         r = config.r
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"`top_k` ({top_k}) must be between 1 and `num_experts` ({num_experts}).")
+        if router_owner is not None:
+            owner_shape = (router_owner.num_experts.get(adapter_name), router_owner.top_k.get(adapter_name))
+            if owner_shape != (num_experts, top_k) or router_owner.in_features != self.in_features:
+                raise ValueError(
+                    f"`router_sharing`: layers that share a router need the same `num_experts`, `top_k` and input "
+                    f"size; this layer has ({num_experts}, {top_k}, {self.in_features}), the router's owner "
+                    f"({owner_shape[0]}, {owner_shape[1]}, {router_owner.in_features})."
+                )
+            if num_experts == 1:
+                router_owner = None  # no router to share
         self.r[adapter_name] = r
         self.num_experts[adapter_name] = num_experts
         self.top_k[adapter_name] = top_k
@@ -110,11 +139,19 @@ class MoeLoraLayer(BaseTunerLayer):
 
         self.moelora_A[adapter_name] = nn.Parameter(torch.empty(num_experts, r, self.in_features))
         self.moelora_B[adapter_name] = nn.Parameter(torch.empty(num_experts, self.out_features, r))
-        if num_experts > 1:
+        for name in ("moelora_router", "moelora_log_temperature"):
+            if adapter_name in getattr(self, name):  # re-created below, unless another layer holds the router
+                del getattr(self, name)[adapter_name]
+        self.router_owner.pop(adapter_name, None)
+        self._router_users[adapter_name] = 1
+        if router_owner is not None:
+            self.router_owner[adapter_name] = router_owner
+            router_owner._router_users[adapter_name] += 1
+        elif num_experts > 1:
             # With a single expert the gate is always 1: there is no router (its weights could never train).
             self.moelora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
-        if config.learn_router_temperature and num_experts > 1:
-            self.moelora_log_temperature[adapter_name] = nn.Parameter(torch.empty(1))
+            if config.learn_router_temperature:
+                self.moelora_log_temperature[adapter_name] = nn.Parameter(torch.empty(1))
         self.reset_parameters(adapter_name, config.init_weights, config.router_temperature)
         if experts is not None:
             lora_A, lora_B = experts
@@ -208,12 +245,15 @@ class Linear(nn.Module, MoeLoraLayer):
         num_experts: int,
         top_k: int,
         experts: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        router_owner: Optional[MoeLoraLayer] = None,
         **kwargs,
     ) -> None:
         super().__init__()
         MoeLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, num_experts=num_experts, top_k=top_k, experts=experts)
+        self.update_layer(
+            adapter_name, config, num_experts=num_experts, top_k=top_k, experts=experts, router_owner=router_owner
+        )
 
     def _base_result(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output, cloned where a quantized backend returns a tensor the adapters must not modify."""
@@ -249,24 +289,32 @@ class Linear(nn.Module, MoeLoraLayer):
         lora_B = self.moelora_B[adapter_name]
         options = self.routing_options[adapter_name]
         batch_shape = x.shape[:-1]
-        x = self._cast_input_dtype(x, lora_A.dtype)
-        tokens = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        layer_input = x  # as the model passed it: `router_sharing` recognises a shared input by its identity
+        tokens = self._cast_input_dtype(x, lora_A.dtype).reshape(-1, x.shape[-1])  # (tokens, in)
 
         if context is None and not self.training and not torch.is_grad_enabled():
             # Inference without router losses (cached decoding): the same output in the fewest operations.
-            return _add_update(result, self._inference_update(tokens, adapter_name), batch_shape)
+            return _add_update(result, self._inference_update(tokens, adapter_name, layer_input), batch_shape)
 
-        h, logits = self._expert_inputs_and_logits(tokens, adapter_name)  # (tokens, E*r), (tokens, E) float32
-        if logits is None:  # a single expert
-            update = expert_up(h, tokens.new_ones(tokens.shape[0], 1), None, lora_B, self.scaling[adapter_name])
-            return _add_update(result, update, batch_shape)
-
-        sample_shape = None
-        if record and self._routing_state.record_sample_routing and len(batch_shape) == 2:
-            sample_shape = tuple(batch_shape)
-        routing, weighted_loss, components, stats = self._route(
-            logits, adapter_name, context, batch_shape, record, sample_shape
-        )
+        shared = self._shared_routing_of(layer_input, adapter_name, context, inference=False)
+        if shared is not None:
+            # `router_sharing`: another layer routed this input with the router both use. This layer counts its
+            # routing, router losses and statistics as its own, as if each had an identical copy of the router.
+            h = expert_down(self.moelora_dropout[adapter_name](tokens), lora_A)
+            routing, weighted_loss, components, stats = shared
+            components = dict(components)
+            stats = None if stats is None else dataclasses.replace(stats)
+        else:
+            h, logits = self._expert_inputs_and_logits(tokens, adapter_name)  # (tokens, E*r), (tokens, E) float32
+            if logits is None:  # a single expert
+                update = expert_up(h, tokens.new_ones(tokens.shape[0], 1), None, lora_B, self.scaling[adapter_name])
+                return _add_update(result, update, batch_shape)
+            sample_shape = None
+            if record and self._routing_state.record_sample_routing and len(batch_shape) == 2:
+                sample_shape = tuple(batch_shape)
+            routed = self._route(logits, adapter_name, context, batch_shape, record, sample_shape)
+            routing, weighted_loss, components, stats = routed
+            self._share_routing(layer_input, adapter_name, context, routed, inference=False)
         update = expert_up(h, routing.weights, routing.index, lora_B, self.scaling[adapter_name])  # (tokens, out)
         result = _add_update(result, update, batch_shape)
         if context is None:
@@ -327,6 +375,7 @@ class Linear(nn.Module, MoeLoraLayer):
 
     def train(self, mode: bool = True):
         self._inference_cache.clear()
+        self._shared_routing.clear()
         return super().train(mode)
 
     def _inference_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,7 +387,8 @@ class Linear(nn.Module, MoeLoraLayer):
         `param.data` bypass version counting (as they bypass autograd): call `train()`/`eval()` after them.
         """
         lora_A, lora_B = self.moelora_A[adapter_name], self.moelora_B[adapter_name]
-        router = self.moelora_router.get(adapter_name)  # None with a single expert
+        # None with a single expert, and in a layer that uses a shared router: it mostly reuses the routing.
+        router = self.moelora_router.get(adapter_name)
         tensors = (lora_A, lora_B) if router is None else (lora_A, lora_B, router)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         cached = self._inference_cache.get(adapter_name)
@@ -350,30 +400,89 @@ class Linear(nn.Module, MoeLoraLayer):
             cached = self._inference_cache[adapter_name] = (key, down, up)
         return cached[1], cached[2]
 
-    def _inference_update(self, tokens: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def _inference_update(self, tokens: torch.Tensor, adapter_name: str, layer_input: torch.Tensor) -> torch.Tensor:
         """The adapter's output in eval mode without autograd or a routing context: no losses, no statistics."""
         down, up = self._inference_weights(adapter_name)
         num_experts, rank_total = self.num_experts[adapter_name], up.shape[1]
+        gates = self._shared_routing_of(layer_input, adapter_name, None, inference=True)
         fused = down.shape[0] > rank_total  # the router rows are part of `down`
-        if fused and not torch.is_autocast_enabled(tokens.device.type):
+        if gates is None and fused and not torch.is_autocast_enabled(tokens.device.type):
             both = F.linear(tokens, down)
             h, logits = both[:, :rank_total], both[:, rank_total:]
-        else:  # autocast would run a fused router in half precision
+        else:  # routed by another layer, no router rows, or autocast (it would run a fused router in half precision)
             h = F.linear(tokens, down[:rank_total])
             if num_experts == 1:
                 return F.linear(h, up) * self.scaling[adapter_name]
-            logits = router_logits(tokens, self.moelora_router[adapter_name])
-        temperature, mask = self._temperature_and_mask(
-            logits, adapter_name, self.moelora_log_temperature.get(adapter_name)
-        )
-        gates = inference_gates(
-            logits,
-            top_k=self.top_k[adapter_name],
-            router_type=self.routing_options[adapter_name].router_type,
-            temperature=temperature,
-            expert_mask=mask,
-        )
+            if gates is None:
+                logits = router_logits(tokens, self._router_tensors(adapter_name)[0])
+        if gates is None:
+            temperature, mask = self._temperature_and_mask(logits, adapter_name, self._router_tensors(adapter_name)[1])
+            gates = inference_gates(
+                logits,
+                top_k=self.top_k[adapter_name],
+                router_type=self.routing_options[adapter_name].router_type,
+                temperature=temperature,
+                expert_mask=mask,
+            )
+            self._share_routing(layer_input, adapter_name, None, gates, inference=True)
         return inference_expert_up(h, gates, up, num_experts, self.scaling[adapter_name])
+
+    def _router_tensors(self, adapter_name: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """`(router, log_temperature)` of `adapter_name`: this layer's, or those of the layer it shares a router with
+        (`router_sharing`). Each is None where absent (a single expert; a fixed temperature)."""
+        owner = self.router_owner.get(adapter_name, self)
+        router = owner.moelora_router.get(adapter_name)
+        if owner is not self and router is not None and router.numel() == 0:
+            # DeepSpeed ZeRO-3 gathers a module's parameters only around that module's own forward.
+            raise RuntimeError(
+                "`router_sharing`: this layer must route its own input with the router of another layer, whose "
+                "weights are partitioned now (DeepSpeed ZeRO-3). Under ZeRO-3 the members of a group must read the "
+                "same input tensor (as q/k/v and gate/up do), or use `router_sharing=False`."
+            )
+        return router, owner.moelora_log_temperature.get(adapter_name)
+
+    def _shared_routing_of(
+        self, layer_input: torch.Tensor, adapter_name: str, context: Optional[ForwardContext], inference: bool
+    ) -> Optional[Any]:
+        """`router_sharing`: the routing that a layer sharing this layer's router computed for this very input tensor
+        in this forward (and with the router as it is now), or None: then this layer routes its input itself.
+
+        The routing is kept on the router's owner until every layer of the group has taken it, so that nothing of a
+        forward outlives it. A layer that gets another tensor (e.g. the keys of a cross-attention) finds none."""
+        owner = self.router_owner.get(adapter_name, self)
+        key = (adapter_name, inference)
+        slot = owner._shared_routing.get(key)
+        if slot is None:
+            return None
+        shared_input, versions, shared_context, routing, remaining = slot
+        if shared_input is not layer_input or shared_context is not context:
+            return None
+        if versions is not None and versions != _versions(layer_input, owner.moelora_router[adapter_name]):
+            return None  # the input or the router changed in place since
+        if remaining == 1:
+            del owner._shared_routing[key]
+        else:
+            slot[-1] = remaining - 1
+        return routing
+
+    def _share_routing(
+        self,
+        layer_input: torch.Tensor,
+        adapter_name: str,
+        context: Optional[ForwardContext],
+        routing: Any,
+        inference: bool,
+    ) -> None:
+        """Offer `routing` of `layer_input` to the other layers that share this layer's router (`router_sharing`)."""
+        owner = self.router_owner.get(adapter_name, self)
+        users = owner._router_users.get(adapter_name, 1)
+        if users > 1:
+            # Under torch.compile a version counter is data-dependent (it cannot be traced); the identity of the input
+            # tensor and of the forward's context still tell a fresh input apart.
+            versions = (
+                None if torch.compiler.is_compiling() else _versions(layer_input, owner.moelora_router[adapter_name])
+            )
+            owner._shared_routing[(adapter_name, inference)] = [layer_input, versions, context, routing, users - 1]
 
     def _temperature_and_mask(
         self, logits: torch.Tensor, adapter_name: str, log_temperature: Optional[torch.Tensor]
@@ -394,7 +503,7 @@ class Linear(nn.Module, MoeLoraLayer):
         jitter to the router input only.
         """
         lora_A = self.moelora_A[adapter_name]
-        router = self.moelora_router.get(adapter_name)
+        router = self._router_tensors(adapter_name)[0]
         dropout = self.moelora_dropout[adapter_name]
         jitter = self.routing_options[adapter_name].router_jitter_noise if self.training else 0.0
         if (
@@ -431,9 +540,7 @@ class Linear(nn.Module, MoeLoraLayer):
         pass (activation checkpointing) would run the router matmul and every routing operation a second time.
         """
         options = self.routing_options[adapter_name]
-        temperature, mask = self._temperature_and_mask(
-            logits, adapter_name, self.moelora_log_temperature.get(adapter_name)
-        )
+        temperature, mask = self._temperature_and_mask(logits, adapter_name, self._router_tensors(adapter_name)[1])
         routing = route(
             logits,
             top_k=self.top_k[adapter_name],
@@ -500,6 +607,11 @@ class Linear(nn.Module, MoeLoraLayer):
 
     def extra_repr(self) -> str:
         return quantization_extra_repr(self)
+
+
+def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The autograd version counters of `tensors`: they change with every in-place write (e.g. an optimizer step)."""
+    return tuple(tensor._version for tensor in tensors)
 
 
 def _add_update(result: torch.Tensor, update: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:

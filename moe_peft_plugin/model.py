@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput
 
-from .config import MoeLoraConfig, expand_per_layer, layer_index
+from .config import MoeLoraConfig, expand_per_layer, layer_index, router_sharing_groups
 from .constants import PREFIX
 from .layer import MERGE_ERROR_MESSAGE, Linear, MoeLoraLayer, MoeLoraMergeError, set_router_loss_coefficients
 from .mole import LoraExperts, check_target_modules, load_lora_experts
@@ -103,6 +103,8 @@ class MoeLoraModel(BaseTuner):
         self.__dict__.setdefault("_pending_experts", {})
         self.__dict__.setdefault("_last_records", [])
         self.__dict__.setdefault("_last_aux_loss", None)
+        # `router_sharing`: the layer holding the router of each group, by (adapter, parent module, group index).
+        self.__dict__["_router_owners"] = {}
         if "_routing_hooks" not in self.__dict__:
             self._register_routing_hooks(model)
 
@@ -177,6 +179,8 @@ class MoeLoraModel(BaseTuner):
         pending: Optional[LoraExperts] = self._pending_experts.get(id(moelora_config))
         if pending is not None:
             experts = pending.weights[current_key]
+        group = self._router_group(moelora_config, adapter_name, current_key, target_name)
+        router_owner = self._router_owners.get(group)
 
         if isinstance(target, MoeLoraLayer):
             target.update_layer(
@@ -186,7 +190,10 @@ class MoeLoraModel(BaseTuner):
                 top_k=top_k,
                 experts=experts,
                 inference_mode=moelora_config.inference_mode,
+                router_owner=router_owner,
             )
+            if group is not None and router_owner is None:
+                self._router_owners[group] = target
             return
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         layer_cls = _get_tuner_layer_class(base_layer)
@@ -202,19 +209,42 @@ class MoeLoraModel(BaseTuner):
             num_experts=num_experts,
             top_k=top_k,
             experts=experts,
+            router_owner=router_owner,
             **get_quantization_kwargs(self),
         )
         new_module._routing_state = self._routing_state
+        if group is not None and router_owner is None:
+            self._router_owners[group] = new_module
         if adapter_name not in self.active_adapters:
             # adding an additional adapter: it is not automatically trainable
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _router_group(config: MoeLoraConfig, adapter_name: str, key: str, name: str) -> Optional[tuple[str, str, int]]:
+        """`router_sharing`: the group of module `key` (named `name` in its parent), as `(adapter, parent, index)`,
+        or None when it has a router of its own. The members of a group are siblings: one `self_attn`, one `mlp`."""
+        for index, names in enumerate(router_sharing_groups(config.router_sharing)):
+            if name in names:
+                return adapter_name, key.rpartition(".")[0], index
+        return None
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
             self._pending_experts.pop(id(self.peft_config.get(adapter_name)), None)
+            self.__dict__["_router_owners"] = {}
+        config = self.peft_config.get(adapter_name)
+        if config is not None and config.router_sharing:
+            layers = [m for m in model.modules() if isinstance(m, MoeLoraLayer) and adapter_name in m.moelora_A]
+            if not any(adapter_name in layer.router_owner for layer in layers):
+                groups = [list(group) for group in router_sharing_groups(config.router_sharing)]
+                raise ValueError(
+                    f"`router_sharing`={config.router_sharing!r}, but no two adapted modules of one parent module "
+                    f"form a group of {groups}: nothing would share a router. Name the sibling projections that read "
+                    "the same input (e.g. `router_sharing=[['query', 'key', 'value']]`), or set `router_sharing=False`."
+                )
 
     # The routing context is opened by hooks on the wrapped model rather than in `forward`, because several entry points
     # call the wrapped model directly: `PeftModel.forward` without a task type, `generate`, `inject_adapter_in_model`.

@@ -47,6 +47,26 @@ MODEL_CASES = [
         "default-targets-rslora",
         {"num_experts": 2, "top_k": 1, "use_rslora": True, "lora_alpha": 16, "aux_loss_coef": 0.1},
     ),
+    (
+        "router-sharing",
+        {
+            "num_experts": 4,
+            "top_k": 2,
+            "target_modules": "all-linear",
+            "router_sharing": True,
+            "contrastive_loss_coef": 0.1,
+        },
+    ),
+    (
+        "router-sharing-mola-soft",
+        {
+            "num_experts": [2, 3],
+            "router_type": "soft",
+            "learn_router_temperature": True,
+            "target_modules": ["k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"],
+            "router_sharing": [["k_proj", "v_proj"], ["gate_proj", "up_proj"]],
+        },
+    ),
 ]
 IDS = [case[0] for case in MODEL_CASES]
 
@@ -274,11 +294,14 @@ def test_inference_only_gives_the_same_logits_without_router_losses_or_statistic
     assert "expert_contrastive_loss" in calls
 
 
-def test_torch_compile_traces_one_graph_and_matches_eager_forward_and_backward():
+@pytest.mark.parametrize("extra", [{}, {"router_sharing": True, "target_modules": "all-linear"}], ids=["", "sharing"])
+def test_torch_compile_traces_one_graph_and_matches_eager_forward_and_backward(extra):
     """`torch.compile(fullgraph=True)` fails on any graph break: the MOELORA layers, the routing context hooks and the
     router losses (load balancing and contrastive) trace as one graph, forward and backward (AOTAutograd,
-    `aot_eager`: no C++ compiler needed), with the eager values and gradients."""
-    model, tokenizer = _peft_model(dict(num_experts=4, top_k=2, aux_loss_coef=0.01, contrastive_loss_coef=0.1))
+    `aot_eager`: no C++ compiler needed), with the eager values and gradients; with `router_sharing` too."""
+    model, tokenizer = _peft_model(
+        dict(num_experts=4, top_k=2, aux_loss_coef=0.01, contrastive_loss_coef=0.1, **extra)
+    )
     model.train()
     inputs = batch(tokenizer)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)

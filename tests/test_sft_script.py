@@ -94,9 +94,11 @@ def test_trl_lora_and_moelora_arguments_map_onto_the_adapter_config(tmp_path):
 
     _, _, model_args, _, moe_args = _parse(
         ["--output_dir", str(tmp_path), "--num_experts", "6", "--top_k", "2", "--lora_target_modules", "all-linear"]
+        + ["--router_sharing", "true"]
     )
     config = sft_moelora.get_moelora_config(model_args, moe_args)
     assert config.num_experts == 6 and config.top_k == 2 and config.target_modules == "all-linear"
+    assert config.router_sharing is True
 
     # MoLE: rank, scaling and targets come from the LoRAs.
     _, _, model_args, _, moe_args = _parse(

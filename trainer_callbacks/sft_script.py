@@ -114,6 +114,13 @@ class MoeLoraArguments:
     freeze_experts: Optional[bool] = field(
         default=None, metadata={"help": "Train only the routers (default: with expert_adapters)."}
     )
+    router_sharing: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "q/k/v and gate/up share one router each (MixLoRA-style; departs from MoELoRA/MoLA). Other "
+            "groups: `MoeLoraConfig(router_sharing=[[...], ...])` in Python."
+        },
+    )
 
 
 def get_moelora_config(model_args, moe_args: MoeLoraArguments) -> MoeLoraConfig:
