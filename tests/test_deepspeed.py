@@ -143,10 +143,12 @@ RUNS = {
         2,
     ),
     # Reentrant checkpointing, the mode TRL means to force for PEFT + ZeRO-3 (with transformers 5.23 its forcing does
-    # not take effect: it writes the deprecated `gradient_checkpointing_kwargs` after they were resolved).
-    "zero3-deepspeed": (
+    # not take effect: it writes the deprecated `gradient_checkpointing_kwargs` after they were resolved). With
+    # `router_sharing`: k/v and up reuse the routing of q and gate, whose routers ZeRO-3 gathers only around them.
+    "zero3-deepspeed-router-sharing": (
         "deepspeed",
-        ["--deepspeed", "configs/deepspeed/zero3.json", "--gradient_checkpointing_kwargs", '{"use_reentrant": true}'],
+        ["--deepspeed", "configs/deepspeed/zero3.json", "--gradient_checkpointing_kwargs", '{"use_reentrant": true}']
+        + ["--router_sharing", "true"],
         3,
     ),
     "qlora-zero3-accelerate": ("accelerate", ["--load_in_4bit", "true"], 3),
@@ -183,6 +185,8 @@ def test_two_process_deepspeed_run(name, tiny_model_dir, jsonl_dataset, tmp_path
     # Every adapter tensor trained: the experts (A, B) and the routers.
     initial, final = state["initial"], state["final"]
     assert {key.rsplit(".", 1)[-1] for key in final} == {"moelora_A", "moelora_B", "moelora_router"}
+    # 7 adapted projections in each of 4 layers; with `router_sharing` 4 routers per layer (q/k/v, o, gate/up, down).
+    assert sum("moelora_router" in key for key in final) == (16 if "--router_sharing" in extra else 28)
     unchanged = [key for key in final if torch.equal(initial[key], final[key])]
     assert not unchanged, unchanged
     # The saved adapter holds the full (gathered) tensors, equal to the trained model's.
