@@ -6,7 +6,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,22 @@ from .routing import (
     router_logits,
 )
 from .state import ForwardContext, RoutingState, RoutingStats, inject_router_loss
+
+
+class _InferenceWeights(NamedTuple):
+    """One adapter of one layer, prepared for inference (`MoeLoraLayer._inference_weights`)."""
+
+    key: tuple  # storage and version of the adapter tensors it was built from
+    expert_mask: Optional[torch.Tensor]  # the mask it was built with (compared by identity)
+    down: torch.Tensor  # (E*r, in) `[A_1; ...; A_E]`, then the E router rows when they share the matmul (`fused`)
+    up: torch.Tensor  # (out, E*r) `[B_1 ... B_E]` times the LoRA scaling
+    rank_total: int  # E*r
+    num_experts: int
+    top_k: int
+    router_type: str
+    temperature: torch.Tensor | float  # the router temperature (a learned one as of building)
+    fused: bool
+    shares_router: bool  # `router_sharing`: the layer takes part in a group
 
 
 class MoeLoraMergeError(NotImplementedError):
@@ -285,16 +301,15 @@ class Linear(nn.Module, MoeLoraLayer):
         context: Optional[ForwardContext],
         record: bool,
     ) -> torch.Tensor:
+        batch_shape = x.shape[:-1]
+        if context is None and not self.training and not torch.is_grad_enabled():
+            # Inference without router losses (cached decoding): the same output in the fewest operations.
+            return _add_update(result, self._inference_update(x, adapter_name), batch_shape)
         lora_A = self.moelora_A[adapter_name]
         lora_B = self.moelora_B[adapter_name]
         options = self.routing_options[adapter_name]
-        batch_shape = x.shape[:-1]
         layer_input = x  # as the model passed it: `router_sharing` recognises a shared input by its identity
         tokens = self._cast_input_dtype(x, lora_A.dtype).reshape(-1, x.shape[-1])  # (tokens, in)
-
-        if context is None and not self.training and not torch.is_grad_enabled():
-            # Inference without router losses (cached decoding): the same output in the fewest operations.
-            return _add_update(result, self._inference_update(tokens, adapter_name, layer_input), batch_shape)
 
         shared = self._shared_routing_of(layer_input, adapter_name, context, inference=False)
         if shared is not None:
@@ -378,54 +393,86 @@ class Linear(nn.Module, MoeLoraLayer):
         self._shared_routing.clear()
         return super().train(mode)
 
-    def _inference_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(down, up)` for inference: `[A_1; ...; A_E; router]` as `(E*r + E, in)` (one matmul gives the expert inputs
-        and the router logits; without the router rows if it has another dtype) and `[B_1 ... B_E]` as `(out, E*r)`.
+    def _inference_weights(self, adapter_name: str) -> _InferenceWeights:
+        """What inference needs of `adapter_name`, laid out for the fewest operations per call (see
+        [`_InferenceWeights`]).
 
-        Cached per adapter so that decoding does not copy the weights at every token; rebuilt whenever a tensor is
-        replaced or modified in place (its storage or autograd version changes) and dropped by `train()`. Writes through
-        `param.data` bypass version counting (as they bypass autograd): call `train()`/`eval()` after them.
+        Cached per adapter so that decoding neither copies the weights nor looks up the layer's settings at every
+        token; rebuilt whenever a tensor is replaced or modified in place (its storage or autograd version changes) or
+        the expert mask changes, and dropped by `train()`. Writes through `param.data` bypass version counting (as they
+        bypass autograd): call `train()`/`eval()` after them.
         """
         lora_A, lora_B = self.moelora_A[adapter_name], self.moelora_B[adapter_name]
-        # None with a single expert, and in a layer that uses a shared router: it mostly reuses the routing.
+        # None with a single expert, and in a layer that uses a shared router (it mostly reuses the routing).
         router = self.moelora_router.get(adapter_name)
-        tensors = (lora_A, lora_B) if router is None else (lora_A, lora_B, router)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        log_temperature = self.moelora_log_temperature.get(adapter_name)
+        key = (lora_A.data_ptr(), lora_A._version, lora_B.data_ptr(), lora_B._version, lora_A.dtype, lora_A.device)
+        if router is not None:
+            key += (router.data_ptr(), router._version)
+        if log_temperature is not None:
+            key += (log_temperature.data_ptr(), log_temperature._version)
+        mask = self.expert_mask[adapter_name]
         cached = self._inference_cache.get(adapter_name)
-        if cached is None or cached[0] != key:
-            down = lora_A.flatten(0, 1)
-            if router is not None and router_fuses(lora_A, router):
-                down = torch.cat([down, router])
-            up = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1).contiguous()
-            cached = self._inference_cache[adapter_name] = (key, down, up)
-        return cached[1], cached[2]
+        if cached is not None and cached.key == key and cached.expert_mask is mask:
+            return cached
+        num_experts, scaling = self.num_experts[adapter_name], self.scaling[adapter_name]
+        options = self.routing_options[adapter_name]
+        down = lora_A.flatten(0, 1)
+        fused = router is not None and router_fuses(lora_A, router)
+        if fused:
+            down = torch.cat([down, router])
+        # The LoRA scaling folded into the up-projection: one multiplication less per call.
+        up = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1) * scaling
+        temperature: torch.Tensor | float = options.router_temperature
+        if log_temperature is not None:
+            temperature = log_temperature.detach().exp()
+        cached = self._inference_cache[adapter_name] = _InferenceWeights(
+            key=key,
+            expert_mask=mask,
+            down=down,
+            up=up.contiguous(),
+            rank_total=lora_A.shape[0] * lora_A.shape[1],
+            num_experts=num_experts,
+            top_k=self.top_k[adapter_name],
+            router_type=options.router_type,
+            temperature=temperature,
+            fused=fused,
+            shares_router=self._router_users.get(adapter_name, 1) > 1 or adapter_name in self.router_owner,
+        )
+        return cached
 
-    def _inference_update(self, tokens: torch.Tensor, adapter_name: str, layer_input: torch.Tensor) -> torch.Tensor:
-        """The adapter's output in eval mode without autograd or a routing context: no losses, no statistics."""
-        down, up = self._inference_weights(adapter_name)
-        num_experts, rank_total = self.num_experts[adapter_name], up.shape[1]
-        gates = self._shared_routing_of(layer_input, adapter_name, None, inference=True)
-        fused = down.shape[0] > rank_total  # the router rows are part of `down`
-        if gates is None and fused and not torch.is_autocast_enabled(tokens.device.type):
-            both = F.linear(tokens, down)
+    def _inference_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's `(tokens, out)` output for the layer input `x` in eval mode without autograd or a routing
+        context: no losses, no statistics."""
+        weights = self._inference_weights(adapter_name)
+        tokens = self._cast_input_dtype(x, weights.down.dtype).reshape(-1, x.shape[-1])
+        if weights.num_experts == 1:
+            return F.linear(F.linear(tokens, weights.down), weights.up)
+        rank_total = weights.rank_total
+        gates = self._shared_routing_of(x, adapter_name, None, inference=True) if weights.shares_router else None
+        if gates is None and weights.fused and not torch.is_autocast_enabled(tokens.device.type):
+            both = F.linear(tokens, weights.down)
             h, logits = both[:, :rank_total], both[:, rank_total:]
         else:  # routed by another layer, no router rows, or autocast (it would run a fused router in half precision)
-            h = F.linear(tokens, down[:rank_total])
-            if num_experts == 1:
-                return F.linear(h, up) * self.scaling[adapter_name]
+            h = F.linear(tokens, weights.down[:rank_total] if weights.fused else weights.down)
             if gates is None:
                 logits = router_logits(tokens, self._router_tensors(adapter_name)[0])
         if gates is None:
-            temperature, mask = self._temperature_and_mask(logits, adapter_name, self._router_tensors(adapter_name)[1])
+            temperature, mask = weights.temperature, weights.expert_mask
+            if adapter_name in self.router_owner:  # the temperature is the router owner's
+                temperature, mask = self._temperature_and_mask(
+                    logits, adapter_name, self._router_tensors(adapter_name)[1]
+                )
             gates = inference_gates(
                 logits,
-                top_k=self.top_k[adapter_name],
-                router_type=self.routing_options[adapter_name].router_type,
+                top_k=weights.top_k,
+                router_type=weights.router_type,
                 temperature=temperature,
-                expert_mask=mask,
+                expert_mask=None if mask is None else mask.to(logits.device),
             )
-            self._share_routing(layer_input, adapter_name, None, gates, inference=True)
-        return inference_expert_up(h, gates, up, num_experts, self.scaling[adapter_name])
+            if weights.shares_router:
+                self._share_routing(x, adapter_name, None, gates, inference=True)
+        return inference_expert_up(h, gates, weights.up, weights.num_experts)
 
     def _router_tensors(self, adapter_name: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """`(router, log_temperature)` of `adapter_name`: this layer's, or those of the layer it shares a router with

@@ -312,12 +312,9 @@ def inference_gates(
     return torch.zeros_like(logits).scatter_(-1, index, weights)
 
 
-def inference_expert_up(
-    h: torch.Tensor, gates: torch.Tensor, up: torch.Tensor, num_experts: int, scaling: float
-) -> torch.Tensor:
-    """`expert_up` for inference (no autograd), with `up` = `[B_1 ... B_E]` laid out as `(out, E*r)`."""
+def inference_expert_up(h: torch.Tensor, gates: torch.Tensor, up: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`expert_up` for inference (no autograd), with `up` = `[B_1 ... B_E]` laid out as `(out, E*r)` and the LoRA
+    scaling already folded into it."""
     gates = gates.to(h.dtype)
-    if scaling != 1.0:
-        gates = gates * scaling
     gated = (h.unflatten(-1, (num_experts, -1)) * gates.unsqueeze(-1)).flatten(-2)
     return F.linear(gated, up)

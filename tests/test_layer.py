@@ -87,6 +87,13 @@ def test_inference_path_matches_reference(name, kwargs, mask):
         torch.testing.assert_close(updated, model(x), rtol=1e-10, atol=1e-10)
         layer.moelora_A["default"] = torch.nn.Parameter(2 * layer.moelora_A["default"])
         torch.testing.assert_close(layer(x), model(x), rtol=1e-10, atol=1e-10)
+        # ... and changes of the expert mask and of a learned temperature.
+        if layer.num_experts["default"] > 1:
+            model.set_expert_mask([0, 1] if mask is None else None)
+            torch.testing.assert_close(layer(x), model(x), rtol=1e-10, atol=1e-10)
+        if "default" in layer.moelora_log_temperature:
+            layer.moelora_log_temperature["default"].fill_(0.4)
+            torch.testing.assert_close(layer(x), model(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name,kwargs,mask", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
