@@ -18,15 +18,20 @@ MOELORA excludes padding from its router losses and statistics. Printed per conf
   recomputed in the backward pass);
 - `per layer`: (MOELORA - LoRA r=64) top-level ops divided by the number of adapted linear layers.
 
+`--decode` counts one step of cached decoding instead (eval mode, no autograd: one new token of a batch of one with
+the KV cache of the prompt, as `generate` runs it); `--router-sharing` adds MOELORA with `router_sharing=True`.
+
 Usage:
 
     OMP_NUM_THREADS=1 python benchmarks/op_count.py
     OMP_NUM_THREADS=1 python benchmarks/op_count.py --contrastive --top 25   # + the most frequent MOELORA ops
+    OMP_NUM_THREADS=1 python benchmarks/op_count.py --decode --router-sharing
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import warnings
 from collections import Counter
 
@@ -73,7 +78,27 @@ def count_step(model: torch.nn.Module, inputs: dict) -> tuple[Counter, Counter]:
         model(**inputs, labels=inputs["input_ids"]).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step()  # warm-up: lazy initialisation is not part of a step
+    return _count(step)
+
+
+def count_decode(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[Counter, Counter]:
+    """`(all aten events, top-level aten events)` by name, for one step of cached decoding of the first sample."""
+    model.eval()
+    prompt = input_ids[:1]
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+    token = prompt[:, -1:]
+
+    def step() -> None:
+        # The same cache position every time: each call sees the prompt's cache and one new token, like `generate`.
+        with torch.no_grad():
+            model(input_ids=token, past_key_values=copy.deepcopy(cache), use_cache=True)
+
+    return _count(step)
+
+
+def _count(step) -> tuple[Counter, Counter]:
+    step()  # warm-up: lazy initialisation (and the inference caches of MOELORA) are not part of a step
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     every, top = Counter(), Counter()
@@ -97,6 +122,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--contrastive", action="store_true", help="also MOELORA with contrastive_loss_coef=0.01")
     parser.add_argument("--top", type=int, default=0, help="list the N most frequent top-level ops of MOELORA")
+    parser.add_argument("--router-sharing", action="store_true", help="also MOELORA with router_sharing=True")
+    parser.add_argument("--decode", action="store_true", help="count one step of cached decoding instead of training")
     args = parser.parse_args()
 
     common = dict(task_type="CAUSAL_LM", target_modules="all-linear")
@@ -108,6 +135,8 @@ def main() -> None:
     }
     if args.contrastive:
         configs["MOELORA +contrastive"] = MoeLoraConfig(**moe, contrastive_loss_coef=0.01, **common)
+    if args.router_sharing:
+        configs["MOELORA shared routers"] = MoeLoraConfig(**moe, router_sharing=True, **common)
 
     torch.manual_seed(0)
     input_ids = torch.randint(0, 512, (args.batch, args.seq))
@@ -117,11 +146,16 @@ def main() -> None:
         model = build_model(args.hidden, args.layers, config)
         if isinstance(config, MoeLoraConfig):
             num_layers = sum(1 for m in model.modules() if isinstance(m, moe_peft_plugin.layer.MoeLoraLayer))
-        every, top = count_step(model, inputs)
-        rows[name] = (every, top, saved_bytes(model, input_ids))
+        if args.decode:
+            every, top = count_decode(model, input_ids)
+            rows[name] = (every, top, 0)
+        else:
+            every, top = count_step(model, inputs)
+            rows[name] = (every, top, saved_bytes(model, input_ids))
 
     header = f"{'config':<24}{'aten ops':>10}{'top-level':>11}{'matmuls':>9}{'copies':>8}{'saved KiB':>11}"
-    print(f"hidden={args.hidden} layers={args.layers} batch={args.batch}x{args.seq}, {num_layers} adapted linears")
+    what = f"one decoding step after a prompt of {args.seq}" if args.decode else f"batch={args.batch}x{args.seq}"
+    print(f"hidden={args.hidden} layers={args.layers} {what}, {num_layers} adapted linears")
     print(header)
     for name, (every, top, saved) in rows.items():
         matmuls = sum(every[n] for n in MATMULS)

@@ -304,7 +304,8 @@ class Linear(nn.Module, MoeLoraLayer):
         batch_shape = x.shape[:-1]
         if context is None and not self.training and not torch.is_grad_enabled():
             # Inference without router losses (cached decoding): the same output in the fewest operations.
-            return _add_update(result, self._inference_update(x, adapter_name), batch_shape)
+            update = self._inference_update(x, adapter_name)  # already in the batch shape
+            return result + (update if update.dtype == result.dtype else update.to(result.dtype))
         lora_A = self.moelora_A[adapter_name]
         lora_B = self.moelora_B[adapter_name]
         options = self.routing_options[adapter_name]
@@ -442,17 +443,17 @@ class Linear(nn.Module, MoeLoraLayer):
         return cached
 
     def _inference_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The adapter's `(tokens, out)` output for the layer input `x` in eval mode without autograd or a routing
-        context: no losses, no statistics."""
+        """The adapter's output `(*batch, out)` for the layer input `x` `(*batch, in)` in eval mode without autograd or
+        a routing context: no losses, no statistics. The batch dimensions are kept (no reshapes): every operation here
+        works on the last dimension."""
         weights = self._inference_weights(adapter_name)
-        tokens = self._cast_input_dtype(x, weights.down.dtype).reshape(-1, x.shape[-1])
+        tokens = self._cast_input_dtype(x, weights.down.dtype)
         if weights.num_experts == 1:
             return F.linear(F.linear(tokens, weights.down), weights.up)
         rank_total = weights.rank_total
         gates = self._shared_routing_of(x, adapter_name, None, inference=True) if weights.shares_router else None
         if gates is None and weights.fused and not torch.is_autocast_enabled(tokens.device.type):
-            both = F.linear(tokens, weights.down)
-            h, logits = both[:, :rank_total], both[:, rank_total:]
+            h, logits = F.linear(tokens, weights.down).split((rank_total, weights.num_experts), dim=-1)
         else:  # routed by another layer, no router rows, or autocast (it would run a fused router in half precision)
             h = F.linear(tokens, weights.down[:rank_total] if weights.fused else weights.down)
             if gates is None:

@@ -294,7 +294,7 @@ def inference_gates(
     temperature: torch.Tensor | float = 1.0,
     expert_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The dense `(tokens, num_experts)` gates of [`route`] (without noise) in as few operations as possible.
+    """The dense `(..., num_experts)` gates of [`route`] (without noise) in as few operations as possible.
 
     Cached decoding runs every layer on one token at a time, where the cost is the number of operations, not their
     size. The top-k weights are the softmax over the selected logits, which equals the renormalised probabilities.
@@ -315,6 +315,7 @@ def inference_gates(
 def inference_expert_up(h: torch.Tensor, gates: torch.Tensor, up: torch.Tensor, num_experts: int) -> torch.Tensor:
     """`expert_up` for inference (no autograd), with `up` = `[B_1 ... B_E]` laid out as `(out, E*r)` and the LoRA
     scaling already folded into it."""
-    gates = gates.to(h.dtype)
+    if gates.dtype != h.dtype:
+        gates = gates.to(h.dtype)
     gated = (h.unflatten(-1, (num_experts, -1)) * gates.unsqueeze(-1)).flatten(-2)
     return F.linear(gated, up)
