@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -368,6 +369,10 @@ def test_multitask_report_gives_the_grid_the_held_out_table_and_paired_verdicts(
     assert "| MoE-LoRA beats LoRA at equal trainable parameters (8 tasks at once) |" in text
     row = next(line for line in text.splitlines() if line.startswith("| MoE-LoRA beats LoRA"))
     assert "+10.0 ± 0.0 (n=3;" in row and row.endswith("| agrees |")
+    # mean ± 2 s.e.: with no spread over seeds, the question-sampling error alone.
+    interval = re.search(r"question s\.e\. ([\d.]+)\) \| \[([-+][\d.]+), ([-+][\d.]+)\] \|", row)
+    question_se, low, high = map(float, interval.groups())
+    assert (low, high) == pytest.approx((10 - 2 * question_se, 10 + 2 * question_se), abs=0.11)
     assert "0.962 ± 0.000 | 0.030 ± 0.000 / 0.100 ± 0.000 (0.010 ± 0.000)" in text
     for name in ("multitask_loss.png", "multitask_lr_loss.png", "multitask_routing_over_training.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
