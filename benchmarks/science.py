@@ -806,14 +806,21 @@ def verdict(differences: Sequence[float], question_se: float = 0.0) -> str:
     return "not resolved (|mean| < 2 s.e.)"
 
 
+# Runs made once by design, with no seed of their own (the base model; the arithmetic merge of given LoRAs): they pair
+# with every seed of the other method. Any other run pairs only with the same seed.
+SEEDLESS_KINDS = ("base", "merge")
+
+
 def _pairs(groups: dict, a: str, b: str) -> list[tuple[dict, dict]]:
-    """`(run_a, run_b)` for every seed both have (a single run of `a` pairs with every seed of `b`)."""
+    """`(run_a, run_b)` for every seed both have; a single seedless run of `a` (`SEEDLESS_KINDS`) pairs with every seed
+    of `b`."""
     if a not in groups or b not in groups:
         return []
     a_runs = {r["spec"]["seed"]: r for r in groups[a]}
+    seedless = len(groups[a]) == 1 and groups[a][0]["spec"].get("kind") in SEEDLESS_KINDS
     pairs = []
     for run in groups[b]:
-        other = a_runs.get(run["spec"]["seed"]) or (groups[a][0] if len(groups[a]) == 1 else None)
+        other = a_runs.get(run["spec"]["seed"]) or (groups[a][0] if seedless else None)
         if other is not None:
             pairs.append((other, run))
     return pairs

@@ -376,3 +376,17 @@ def test_multitask_report_gives_the_grid_the_held_out_table_and_paired_verdicts(
     assert "0.962 ± 0.000 | 0.030 ± 0.000 / 0.100 ± 0.000 (0.010 ± 0.000)" in text
     for name in ("multitask_loss.png", "multitask_lr_loss.png", "multitask_routing_over_training.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_a_one_seed_variant_pairs_only_with_its_own_seed_but_the_base_with_every_seed(science):
+    def run(name, kind, seed):
+        return {"spec": {"name": name, "kind": kind, "seed": seed}}
+
+    groups = {
+        "mt_moelora": [run("mt_moelora", "moelora", seed) for seed in (0, 1, 2)],
+        "mt_moelora_no_contrastive": [run("mt_moelora_no_contrastive", "moelora", 0)],
+        "mt_base": [run("mt_base", "base", 0)],
+    }
+    pairs = science._pairs(groups, "mt_moelora_no_contrastive", "mt_moelora")
+    assert [(a["spec"]["seed"], b["spec"]["seed"]) for a, b in pairs] == [(0, 0)]
+    assert len(science._pairs(groups, "mt_base", "mt_moelora")) == 3
