@@ -318,8 +318,13 @@ def test_accelerate_fsdp_config_is_valid(name, monkeypatch):
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == str(FSDP_CONFIGS[name])
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    # FSDP1's `sync_module_states` looks up the current GPU when the plugin is built.
-    monkeypatch.setattr(accelerate_dataclasses, "is_cuda_available", lambda: True)
+    # FSDP1's `sync_module_states` looks up the current GPU when the plugin is built (accelerate <= 1.15 through this
+    # name, which 1.16 no longer has).
+    monkeypatch.setattr(accelerate_dataclasses, "is_cuda_available", lambda: True, raising=False)
+    # accelerate >= 1.16 asks for the accelerator backend instead.
+    monkeypatch.setattr(
+        accelerate_dataclasses, "get_torch_accelerator_backend", lambda: ("cuda", torch.cuda), raising=False
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == FSDP_CONFIGS[name]
