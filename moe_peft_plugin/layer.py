@@ -457,19 +457,16 @@ class Linear(nn.Module, MoeLoraLayer):
         else:  # routed by another layer, no router rows, or autocast (it would run a fused router in half precision)
             h = F.linear(tokens, weights.down[:rank_total] if weights.fused else weights.down)
             if gates is None:
-                logits = router_logits(tokens, self._router_tensors(adapter_name)[0])
+                router, log_temperature = self._router_tensors(adapter_name)
+                logits = router_logits(tokens, router)
         if gates is None:
-            temperature, mask = weights.temperature, weights.expert_mask
             if adapter_name in self.router_owner:  # the temperature is the router owner's
-                temperature, mask = self._temperature_and_mask(
-                    logits, adapter_name, self._router_tensors(adapter_name)[1]
-                )
+                temperature, mask = self._temperature_and_mask(logits, adapter_name, log_temperature)
+            else:
+                temperature, mask = weights.temperature, weights.expert_mask
+                mask = None if mask is None else mask.to(logits.device)
             gates = inference_gates(
-                logits,
-                top_k=weights.top_k,
-                router_type=weights.router_type,
-                temperature=temperature,
-                expert_mask=None if mask is None else mask.to(logits.device),
+                logits, top_k=weights.top_k, router_type=weights.router_type, temperature=temperature, expert_mask=mask
             )
             if weights.shares_router:
                 self._share_routing(x, adapter_name, None, gates, inference=True)

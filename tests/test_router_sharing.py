@@ -110,8 +110,26 @@ def test_shared_router_equals_tied_copies_over_two_training_steps(router_sharing
 
 
 @pytest.mark.parametrize("router_sharing", list(GROUPINGS.values()), ids=list(GROUPINGS))
-def test_shared_router_equals_tied_copies_in_evaluation_decoding_and_mixed_batches(router_sharing):
-    shared, tied, tokenizer = _shared_and_tied(router_sharing)
+@pytest.mark.parametrize(
+    "temperature_and_mask", [False, True], ids=["fixed-temperature", "learned-temperature-masked"]
+)
+def test_shared_router_equals_tied_copies_in_evaluation_decoding_and_mixed_batches(
+    router_sharing, temperature_and_mask
+):
+    # A learned temperature is the owner's (a layer routing its own input with it must take it from the owner);
+    # the expert mask must reach every member.
+    extra = {"learn_router_temperature": True, "router_temperature": 0.7} if temperature_and_mask else {}
+    shared, tied, tokenizer = _shared_and_tied(router_sharing, **extra)
+    if temperature_and_mask:
+        with torch.no_grad():
+            for n, temperature in enumerate(_layers(shared)[name].moelora_log_temperature["default"]
+                                            for name in set(_owner_names(shared).values())):  # fmt: skip
+                temperature.fill_(0.3 + 0.01 * n)  # distinct per group, not the initial value
+            for name, layer in _layers(shared).items():
+                owner = layer.router_owner.get("default", layer)
+                _layers(tied)[name].moelora_log_temperature["default"].copy_(owner.moelora_log_temperature["default"])
+        for model in (shared, tied):
+            model.base_model.set_expert_mask([0, 2, 3])
     inputs = batch(tokenizer)
     shared.eval(), tied.eval()
     with torch.no_grad():
