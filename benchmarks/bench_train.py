@@ -350,6 +350,20 @@ def cuda_peak_bytes(runner: Runner, ids: torch.Tensor, device: torch.device) -> 
     return resident + transient
 
 
+def host_syncs(runner: Runner, ids: torch.Tensor) -> list[str]:
+    """Where one training step (forward, backward, AdamW) makes the host wait for the GPU: `file:line` of every
+    synchronising call, as `torch.cuda.set_sync_debug_mode("warn")` reports them (e.g. `.item()`, `.tolist()`,
+    `nonzero`, a data-dependent shape). Syncs stall the CPU that queues the GPU's kernels."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(runner, ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
+
+
 def median_ratio(a: list[float], b: list[float]) -> float:
     """Median of the per-round ratios: slow drift of a shared machine cancels, bursts of load are discarded."""
     return statistics.median(x / y for x, y in zip(a, b))
@@ -394,6 +408,7 @@ def measure(
         )
         if device.type == "cuda":
             entry["cuda_peak_bytes"] = cuda_peak_bytes(runner, ids, device)
+            entry["host_syncs"] = host_syncs(runner, ids)
     return results
 
 
@@ -409,7 +424,7 @@ def print_train_table(label: str, cases: list[Case], results: dict, device: torc
     header = (
         f"{'config':28s} {'trainable':>10s} {'step ms':>8s} {'iqr%':>5s} {'vs LoRA r8':>12s} {'vs LoRA r64':>12s} "
         f"{'saved MiB':>9s} {'act vs r64':>10s} {'mem MiB':>8s} {'mem vs r8':>9s} {'mem vs r64':>12s}"
-        + (f" {'peak MiB':>8s} {'peak vs r64':>12s}" if cuda else "")
+        + (f" {'peak MiB':>8s} {'peak vs r64':>12s} {'syncs':>5s}" if cuda else "")
         + f" {'contrast/off':>13s}"
     )
     print(header)
@@ -443,6 +458,12 @@ def print_train_table(label: str, cases: list[Case], results: dict, device: torc
             peak = f" {entry['cuda_peak_bytes'] / MIB:8.1f} {fmt_ratio(p64, MEM_VS_LORA_R64 if mem_on else None):>12s}"
             if mem_on and p64 > MEM_VS_LORA_R64:
                 failures.append(f"{label} {case.name}: CUDA peak memory {p64:.2f}x LoRA r=64 > {MEM_VS_LORA_R64}")
+            # Syncs of transformers or torch itself happen for LoRA too; those a MOELORA step adds are ours.
+            added = sorted(set(entry["host_syncs"]) - set(results[R8]["host_syncs"]))
+            entry["host_syncs_added"] = added
+            peak += f" {len(entry['host_syncs']):5d}"
+            if case.kind == "moe" and added:
+                failures.append(f"{label} {case.name}: host-device syncs LoRA r=8 has not: {', '.join(added)}")
         print(
             f"{case.name:28s} {entry['trainable_params'] / 1e6:9.2f}M {1e3 * statistics.median(samples[case.name]):8.1f} "
             f"{iqr_percent(samples[case.name]):5.1f} {fmt_ratio(t8, TIME_VS_LORA_R8 if time_on else None):>12s} "
@@ -457,7 +478,9 @@ MEMORY_LEGEND = (
     "(step ms: median fwd+bwd+AdamW step; iqr%: interquartile range / median; ratios: median of per-round ratios, "
     "configs interleaved;\n saved MiB: unique storages saved for backward in one forward, without parameters and "
     "buffers; mem MiB: saved + adapter weights + grads + AdamW state\n (frozen base weights left out: same for all); "
-    "peak MiB (CUDA only): max_memory_allocated over one step, this config's weights + optimizer + transient)"
+    "peak MiB (CUDA only): max_memory_allocated over one step, this config's weights + optimizer + transient;\n "
+    "syncs (CUDA only): host-device synchronisations in one step, torch.cuda.set_sync_debug_mode('warn'); a MOELORA "
+    "config fails if it syncs where LoRA r=8 does not)"
 )
 
 
