@@ -806,6 +806,36 @@ def verdict(differences: Sequence[float], question_se: float = 0.0) -> str:
     return "not resolved (|mean| < 2 s.e.)"
 
 
+def seeds_to_resolve(differences: Sequence[float], question_se: float = 0.0, margin: float = 0.01) -> str:
+    """How many seeds per method would bring 2 standard errors of the mean paired difference below `margin` (1
+    point), at the spread over seeds that `differences` show: the budget a verdict on a difference of that size needs.
+
+    More seeds shrink only the spread's share of the error; where the question-sampling error alone is `margin / 2` or
+    more, more held-out questions are needed instead."""
+    values = np.asarray(differences, dtype=float)
+    if len(values) < 2:
+        return "–"
+    room = (margin / 2) ** 2 - question_se**2
+    if room <= 0:
+        return "more questions, not seeds"
+    return str(max(2, math.ceil(values.var(ddof=1) / room)))
+
+
+def loss_by_quarter(runs: Sequence[dict]) -> Optional[list[float]]:
+    """Mean training loss over each quarter of training (steps logged in (0, 1/4], ..., (3/4, 1] of the last logged
+    step), averaged over `runs`: whether the curve has flattened by the end (the last quarters close)."""
+    quarters = []
+    for run in runs:
+        curve = np.asarray(run.get("loss_curve") or [], dtype=float)
+        if len(curve) < 4:
+            continue
+        edges = np.linspace(0, curve[-1, 0], 5)
+        means = [curve[(curve[:, 0] > low) & (curve[:, 0] <= high), 1] for low, high in zip(edges[:-1], edges[1:])]
+        if all(len(m) for m in means):
+            quarters.append([float(m.mean()) for m in means])
+    return np.mean(quarters, axis=0).tolist() if quarters else None
+
+
 # Runs made once by design, with no seed of their own (the base model; the arithmetic merge of given LoRAs): they pair
 # with every seed of the other method. Any other run pairs only with the same seed.
 SEEDLESS_KINDS = ("base", "merge")
@@ -1206,13 +1236,13 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
                 interval = f"[{100 * (mean - 2 * se):+.1f}, {100 * (mean + 2 * se):+.1f}]"
             rows.append(f"| {claim} | {paper} | {100 * np.mean(differences):+.1f}{spread} (n={len(differences)}; "
                         f"question s.e. {100 * question_se:.1f}) | {interval or '–'} | "
-                        f"{verdict(differences, question_se)} |")  # fmt: skip
+                        f"{verdict(differences, question_se)} | {seeds_to_resolve(differences, question_se)} |")  # fmt: skip
         if rows:
             lines += [
                 "",
                 "| claim (macro accuracy, held-out) | paper | here: difference in points, mean ± std over seeds | "
-                "mean ± 2 s.e. | verdict |",
-                "|---|---|---|---|---|",
+                "mean ± 2 s.e. | verdict | seeds for 2 s.e. < 1 point |",
+                "|---|---|---|---|---|---|",
                 *rows,
             ]
         lines += [
@@ -1221,11 +1251,22 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
             "spread over seeds with the question-sampling error of the held-out set). A difference outside "
             "'mean ± 2 s.e.' (e.g. a paper's gain) is not what this setting shows. Routing columns: the last "
             "measurement of training (entropy of the training batch; specialisation from 8 validation questions "
-            f"per task routed every {MULTITASK_PROBE_EVERY} steps, with its chance level from shuffled task labels).",
+            f"per task routed every {MULTITASK_PROBE_EVERY} steps, with its chance level from shuffled task labels). "
+            "The last column: seeds per method at which 2 s.e. would fall below 1 point, at the spread over seeds "
+            "seen so far (the question-sampling error does not shrink with seeds).",
             "",
             "![training loss, mean over seeds](multitask_loss.png)",
             "",
         ]
+        quarters = {name: loss_by_quarter(runs) for name, runs in final.items()}
+        shown = [f"{MULTITASK_LABELS.get(name, name)} {' / '.join(f'{v:.2f}' for v in values)}"
+                 for name, values in quarters.items() if values]  # fmt: skip
+        if shown:
+            lines += [
+                "Has training flattened? Mean training loss per quarter of the steps (mean over seeds; each step "
+                "sees new examples, so this is close to a loss on unseen data): " + "; ".join(shown) + ".",
+                "",
+            ]
         moe_groups = {name: runs for name, runs in final.items() if any(r.get("routing_over_training") for r in runs)}
         if moe_groups:
             lines += ["![routing over training](multitask_routing_over_training.png)", ""]

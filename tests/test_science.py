@@ -149,6 +149,25 @@ def test_question_standard_error_is_the_paired_error_of_the_seed_mean(science):
     assert science.verdict([0.2, 0.2, 0.2], question_se=0.03) == "agrees"
 
 
+def test_seeds_to_resolve_a_one_point_difference(science):
+    # Spread 1 point (std) over seeds, no question error: 2 * 0.01 / sqrt(n) < 0.01 needs n > 4.
+    assert science.seeds_to_resolve([0.0, 0.01, 0.02]) == "4"
+    assert science.seeds_to_resolve([0.0, 0.02, 0.04]) == "16"
+    # The question error takes its share first: 2 * sqrt(1e-4 / n + 0.003**2) < 0.01 needs n > 6.25.
+    assert science.seeds_to_resolve([0.0, 0.01, 0.02], question_se=0.003) == "7"
+    assert science.seeds_to_resolve([0.0, 0.01, 0.02], question_se=0.005) == "more questions, not seeds"
+    assert science.seeds_to_resolve([0.01, 0.01]) == "2"
+    assert science.seeds_to_resolve([0.3]) == "–"
+
+
+def test_loss_by_quarter_averages_each_quarter_of_training_over_runs(science):
+    first = {"loss_curve": [[s, 10.0 - s] for s in range(1, 9)]}  # steps 1..8: quarters (0,2], (2,4], (4,6], (6,8]
+    second = {"loss_curve": [[s, 12.0 - s] for s in range(1, 9)]}
+    assert science.loss_by_quarter([first]) == pytest.approx([8.5, 6.5, 4.5, 2.5])
+    assert science.loss_by_quarter([first, second]) == pytest.approx([9.5, 7.5, 5.5, 3.5])
+    assert science.loss_by_quarter([{"loss_curve": [[1, 2.0], [2, 1.0]]}]) is None  # too short to tell
+
+
 def _fake_result(science, spec, accuracies: dict, similarity=None, loss=(2.0, 1.5)):
     result = {
         "spec": asdict(spec),
@@ -350,6 +369,7 @@ def test_multitask_report_gives_the_grid_the_held_out_table_and_paired_verdicts(
             continue
         rate = {"mt_base": 0.3, "mt_lora_r64": 0.5, "mt_moelora": 0.6}[run.name] + (0.02 * run.seed if run.seed else 0)
         result = _fake_result(science, run, {t: rate for t in tasks})
+        result["loss_curve"] = [[step, 3.0 - 0.01 * step] for step in range(5, 105, 5)]
         for task in tasks:
             result["eval"][task].update(n=50, correct=correct(rate))
         if run.name == "mt_moelora":
@@ -368,7 +388,11 @@ def test_multitask_report_gives_the_grid_the_held_out_table_and_paired_verdicts(
     # MoELoRA - LoRA r=64: +10 points at every seed; entropy 2.0 / ln 8; specialisation from the last probe.
     assert "| MoE-LoRA beats LoRA at equal trainable parameters (8 tasks at once) |" in text
     row = next(line for line in text.splitlines() if line.startswith("| MoE-LoRA beats LoRA"))
-    assert "+10.0 ± 0.0 (n=3;" in row and row.endswith("| agrees |")
+    assert "+10.0 ± 0.0 (n=3;" in row and "| agrees |" in row
+    assert row.endswith("| more questions, not seeds |")  # 50 questions per task: question s.e. > 0.5 point
+    assert "| verdict | seeds for 2 s.e. < 1 point |" in text
+    # Loss 3 - 0.01 * step at steps 5, 10, ..., 100: quarter means at steps 15, 40, 65 and 90.
+    assert "Has training flattened?" in text and "LoRA r=64 2.85 / 2.60 / 2.35 / 2.10;" in text
     # mean ± 2 s.e.: with no spread over seeds, the question-sampling error alone.
     interval = re.search(r"question s\.e\. ([\d.]+)\) \| \[([-+][\d.]+), ([-+][\d.]+)\] \|", row)
     question_se, low, high = map(float, interval.groups())
