@@ -56,7 +56,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,6 +125,14 @@ def mola_list(allocation: Sequence[int]) -> list[int]:
     from moe_peft_plugin.config import expand_per_layer
 
     return expand_per_layer("num_experts", list(allocation), NUM_LAYERS)
+
+
+def uniform_entropy(spec: Mapping) -> float:
+    """The logged router entropy (`router/entropy`, the mean over adapted layers) of uniform routing: the mean of ln E
+    over the layers, which is not ln 8 where layers have different numbers of experts (MoLA)."""
+    experts = spec.get("adapter", {}).get("num_experts", 8)
+    counts = mola_list(experts) if isinstance(experts, (list, tuple)) else [experts]
+    return float(np.mean([math.log(count) for count in counts]))
 
 
 def plan(
@@ -1208,7 +1216,7 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
             spec = runs[0]["spec"]
             trained = spec["kind"] != "base"
             cells = [mean_std([r["eval"][t]["accuracy"] for r in runs]) for t in tasks]
-            entropy = [v / math.log(8) for v in (_last(r, "router/entropy") for r in runs) if v is not None]
+            entropy = [v / uniform_entropy(r["spec"]) for r in runs if (v := _last(r, "router/entropy")) is not None]
             special = [_last(r, "router/specialisation") for r in runs]
             special_max = [_last(r, "router/specialisation_max") for r in runs]
             chance = [_last(r, "router/specialisation_chance") for r in runs]
@@ -1282,13 +1290,14 @@ def plot_router_over_training(path: Path, groups: dict, labels: dict) -> None:
 
     figure = Figure(figsize=(10, 3.4), dpi=110)
     FigureCanvasAgg(figure)
-    panels = (("router/entropy", "router entropy / ln 8", 1 / math.log(8)), ("router/specialisation",
-              "task specialisation, mean over layers", 1.0), ("router/specialisation_max",
-              "task specialisation, most specialised layer", 1.0))  # fmt: skip
-    for index, (key, label, scale) in enumerate(panels):
+    panels = (("router/entropy", "router entropy / uniform (mean ln E over layers)"), ("router/specialisation",
+              "task specialisation, mean over layers"), ("router/specialisation_max",
+              "task specialisation, most specialised layer"))  # fmt: skip
+    for index, (key, label) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), index + 1)
         for number, (name, runs) in enumerate(groups.items()):
             for seed, run in enumerate(runs):
+                scale = 1 / uniform_entropy(run["spec"]) if key == "router/entropy" else 1.0
                 points = [(h["step"], scale * h[key]) for h in run.get("routing_over_training", []) if key in h]
                 if points:
                     axes.plot(*zip(*points), color=f"C{number}", alpha=0.8, linewidth=1, marker="o", markersize=2,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import sys
 from dataclasses import asdict
@@ -158,6 +159,16 @@ def test_seeds_to_resolve_a_one_point_difference(science):
     assert science.seeds_to_resolve([0.0, 0.01, 0.02], question_se=0.005) == "more questions, not seeds"
     assert science.seeds_to_resolve([0.01, 0.01]) == "2"
     assert science.seeds_to_resolve([0.3]) == "–"
+
+
+def test_uniform_entropy_is_the_mean_of_ln_e_over_layers(science):
+    assert science.uniform_entropy({"adapter": {"num_experts": 8}}) == pytest.approx(math.log(8))
+    # MoLA 2-4-6-8 over groups of 8, 7, 7 and 8 layers: well below ln 8 (its entropy was shown against ln 8 before).
+    expected = (8 * math.log(2) + 7 * math.log(4) + 7 * math.log(6) + 8 * math.log(8)) / 30
+    assert science.mola_group_sizes() == [8, 7, 7, 8]
+    assert science.uniform_entropy({"adapter": {"num_experts": science.mola_list((2, 4, 6, 8))}}) == pytest.approx(
+        expected
+    )
 
 
 def test_loss_by_quarter_averages_each_quarter_of_training_over_runs(science):
