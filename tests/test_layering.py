@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -178,3 +179,25 @@ def test_a_cli_command_in_a_fresh_process_loads_moelora_and_keeps_bitsandbytes_q
     assert "fine-tuned" in result.stdout
     # bitsandbytes' import-time note on its optional CPU 4-bit kernels (printed where AVX512-BF16 exists) is held back.
     assert "kernels-community" not in result.stderr
+
+
+def test_the_held_kernel_messages_are_logged_after_all_for_a_quantized_model(caplog):
+    """Both loggers that report on bitsandbytes' CPU kernel (`kernels` since transformers 5.25 installs it, and
+    bitsandbytes) are held back, other messages are not, and a 4-bit command logs the held ones, in order."""
+    from moe_peft_cli.quiet import hold_bitsandbytes_kernels_warning, release_bitsandbytes_kernels_warning
+
+    trust = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' (offline mode)."
+    failed = "Failed to load CPU gemm_4bit_forward from kernels-community: not found."
+    hold_bitsandbytes_kernels_warning()
+    try:
+        with caplog.at_level(logging.WARNING):
+            logging.getLogger("kernels._internals.hf_hub").warning(trust)
+            logging.getLogger("bitsandbytes.backends.cpu.ops").warning(failed)
+            logging.getLogger("bitsandbytes.backends.cpu.ops").warning("something else")
+            assert [r.getMessage() for r in caplog.records] == ["something else"]
+            release_bitsandbytes_kernels_warning()
+            assert [r.getMessage() for r in caplog.records] == ["something else", trust, failed]
+            logging.getLogger("bitsandbytes.backends.cpu.ops").warning(failed)  # no longer held
+            assert len(caplog.records) == 4
+    finally:
+        release_bitsandbytes_kernels_warning()
