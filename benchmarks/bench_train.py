@@ -35,6 +35,8 @@ Usage (2 CPU cores; PASSIVE stops idle OpenMP threads from spinning between the 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py --skip-train --skip-4bit   # generation only, ~2 min
     python benchmarks/bench_train.py --device cuda --batch 8 --seq 1024         # on a GPU
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py --quick --torch-compile --skip-4bit   # + compiled steps
+    python benchmarks/bench_train.py --models smollm2-135m --packed --batch 8 --seq 86 --skip-generation --skip-4bit
+                                                     # the main job's padding-free batches: 8 sequences in one row
 
 Targets (the performance issue; eager steps): MOELORA E=8, MoLA and MoLE at <= 1.15x LoRA r=8 and <= 1.05x LoRA r=64
 step time and <= 1.05x LoRA r=64 step memory ("mem MiB"; on CUDA also the peak), the contrastive loss <= 1.15x the
@@ -242,15 +244,29 @@ def make_runner(case: Case, base: nn.Module, copy_base: bool = True, torch_compi
     return runner
 
 
-def train_step(runner: Runner, ids: torch.Tensor) -> torch.Tensor:
-    out = runner.step_model(input_ids=ids, labels=ids)
+def training_batch(vocab: int, args, device: torch.device) -> dict:
+    """The fixed batch of random token ids every step trains on: `(batch, seq)`, or with `--packed` the `batch`
+    sequences of `seq` tokens packed into one row, each restarting its positions (the padding-free batches of TRL's
+    `padding_free=True`, which `moe-peft train` uses: one short row, where the per-layer cost of small operations
+    weighs more than in a wide batch)."""
+    generator = torch.Generator().manual_seed(0)
+    if not args.packed:
+        ids = torch.randint(3, vocab, (args.batch, args.seq), generator=generator).to(device)
+        return {"input_ids": ids, "labels": ids}
+    ids = torch.randint(3, vocab, (1, args.batch * args.seq), generator=generator).to(device)
+    positions = torch.arange(args.seq).repeat(args.batch)[None].to(device)
+    return {"input_ids": ids, "labels": ids, "position_ids": positions}
+
+
+def train_step(runner: Runner, inputs: dict) -> torch.Tensor:
+    out = runner.step_model(**inputs)
     out.loss.backward()
     runner.optimizer.step()
     runner.optimizer.zero_grad(set_to_none=True)
     return out.loss.detach()
 
 
-def checked_step(runner: Runner, ids: torch.Tensor) -> list[str]:
+def checked_step(runner: Runner, inputs: dict) -> list[str]:
     """A training step that also checks what the benchmark relies on; returns the problems found."""
     problems = []
     if runner.case.kwargs.get("freeze_experts"):
@@ -262,7 +278,7 @@ def checked_step(runner: Runner, ids: torch.Tensor) -> list[str]:
                 f"{runner.name}: freeze_experts=True, but {len(trainable_experts)} expert tensors are trainable "
                 f"(e.g. {trainable_experts[0]}); its numbers are those of trainable experts"
             )
-    out = runner.step_model(input_ids=ids, labels=ids)
+    out = runner.step_model(**inputs)
     if not torch.isfinite(out.loss):
         problems.append(f"{runner.name}: loss is {out.loss.item()}")
     if runner.case.kind == "moe":
@@ -284,7 +300,7 @@ def checked_step(runner: Runner, ids: torch.Tensor) -> list[str]:
     return problems
 
 
-def time_rounds(runners: list[Runner], ids: torch.Tensor, steps: int, device: torch.device) -> None:
+def time_rounds(runners: list[Runner], inputs: dict, steps: int, device: torch.device) -> None:
     """`steps` rounds of one step per config, in a rotating order; appends the step times to `runner.samples`."""
     gc.collect()
     gc.disable()
@@ -294,14 +310,14 @@ def time_rounds(runners: list[Runner], ids: torch.Tensor, steps: int, device: to
             for runner in runners[shift:] + runners[:shift]:
                 sync(device)
                 start = time.perf_counter()
-                train_step(runner, ids)
+                train_step(runner, inputs)
                 sync(device)
                 runner.samples.append(time.perf_counter() - start)
     finally:
         gc.enable()
 
 
-def saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+def saved_bytes(model: nn.Module, inputs: dict) -> int:
     """Bytes of the unique storages saved for backward by one training forward, without parameters and buffers."""
     excluded = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
@@ -314,7 +330,7 @@ def saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, labels=ids)
+        out = model(**inputs)
     del out
     return sum(seen.values())
 
@@ -337,12 +353,12 @@ def state_bytes(runner: Runner) -> dict:
     }
 
 
-def cuda_peak_bytes(runner: Runner, ids: torch.Tensor, device: torch.device) -> int:
+def cuda_peak_bytes(runner: Runner, inputs: dict, device: torch.device) -> int:
     """Peak allocated memory of one step of this config alone: its weights + optimizer state + the step's transient."""
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    train_step(runner, ids)
+    train_step(runner, inputs)
     sync(device)
     transient = torch.cuda.max_memory_allocated(device) - before
     resident = tensor_bytes(list(runner.model.parameters()) + list(runner.model.buffers()))
@@ -350,7 +366,7 @@ def cuda_peak_bytes(runner: Runner, ids: torch.Tensor, device: torch.device) -> 
     return resident + transient
 
 
-def host_syncs(runner: Runner, ids: torch.Tensor) -> list[str]:
+def host_syncs(runner: Runner, inputs: dict) -> list[str]:
     """Where one training step (forward, backward, AdamW) makes the host wait for the GPU: `file:line` of every
     synchronising call, as `torch.cuda.set_sync_debug_mode("warn")` reports them (e.g. `.item()`, `.tolist()`,
     `nonzero`, a data-dependent shape). Syncs stall the CPU that queues the GPU's kernels."""
@@ -358,7 +374,7 @@ def host_syncs(runner: Runner, ids: torch.Tensor) -> list[str]:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_step(runner, ids)
+            train_step(runner, inputs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
@@ -385,30 +401,28 @@ def progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
-def measure(
-    runners: list[Runner], ids: torch.Tensor, args, device: torch.device, label: str, problems: list[str]
-) -> dict:
+def measure(runners: list[Runner], inputs: dict, args, device: torch.device, label: str, problems: list[str]) -> dict:
     """Warmup (with checks), interleaved timed steps, then memory; returns the raw numbers per config."""
     progress(f"{label}: {args.warmup} warmup step(s) per config")
     for runner in runners:
-        problems += [f"{label} {p}" for p in checked_step(runner, ids)]
+        problems += [f"{label} {p}" for p in checked_step(runner, inputs)]
         for _ in range(args.warmup - 1):
-            train_step(runner, ids)
+            train_step(runner, inputs)
     progress(f"{label}: {args.steps} timed rounds of {len(runners)} configs")
-    time_rounds(runners, ids, args.steps, device)
+    time_rounds(runners, inputs, args.steps, device)
     results = {}
     for runner in runners:
         entry = {"step_s": runner.samples}
         results[runner.name] = entry
         if runner.compiled is not None:  # memory: the eager table's (saved-tensor hooks see no compiled graph)
             continue
-        entry.update(saved_bytes=saved_bytes(runner.model, ids), **state_bytes(runner))
+        entry.update(saved_bytes=saved_bytes(runner.model, inputs), **state_bytes(runner))
         entry["memory_bytes"] = (
             entry["saved_bytes"] + entry["adapter_bytes"] + entry["grad_bytes"] + entry["optimizer_bytes"]
         )
         if device.type == "cuda":
-            entry["cuda_peak_bytes"] = cuda_peak_bytes(runner, ids, device)
-            entry["host_syncs"] = host_syncs(runner, ids)
+            entry["cuda_peak_bytes"] = cuda_peak_bytes(runner, inputs, device)
+            entry["host_syncs"] = host_syncs(runner, inputs)
     return results
 
 
@@ -488,8 +502,7 @@ def bench_model(label: str, base: nn.Module, source: str, args, dtype, device, p
     base = base.to(device)
     cases = train_cases(base.config.num_hidden_layers)
     vocab = base.config.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (args.batch, args.seq), generator=generator).to(device)
+    inputs = training_batch(vocab, args, device)
 
     if args.skip_train:  # only the models the generation table needs
         cases = [case for case in cases if case.name in (R8, R64, MOE)]
@@ -501,7 +514,7 @@ def bench_model(label: str, base: nn.Module, source: str, args, dtype, device, p
     failures = []
     if not args.skip_train:
         report["train"], failures = train_table(
-            label, base, source, cases, runners, ids, args, dtype, device, problems
+            label, base, source, cases, runners, inputs, args, dtype, device, problems
         )
 
     if not args.skip_generation:
@@ -515,12 +528,12 @@ def bench_model(label: str, base: nn.Module, source: str, args, dtype, device, p
     return report, failures
 
 
-def train_table(label, base, source, cases, runners, ids, args, dtype, device, problems) -> tuple[dict, list[str]]:
-    results = measure(runners, ids, args, device, label, problems)
+def train_table(label, base, source, cases, runners, inputs, args, dtype, device, problems) -> tuple[dict, list[str]]:
+    results = measure(runners, inputs, args, device, label, problems)
     adapter_dtypes = sorted({d for entry in results.values() for d in entry.get("adapter_dtypes", ())})
     print(
         f"\n== {label}: {source} ({describe(base)}, {str(dtype).split('.')[-1]}; adapters "
-        f"{', '.join(adapter_dtypes)})  batch {args.batch}x{args.seq}  {device.type}, threads={torch.get_num_threads()}"
+        f"{', '.join(adapter_dtypes)})  batch {args.batch}x{args.seq}{' packed in one row' if args.packed else ''}  {device.type}, threads={torch.get_num_threads()}"
         f"  median of {args.steps} (after {args.warmup} warmup) =="
     )
     failures = print_train_table(label, cases, results, device)
@@ -632,8 +645,7 @@ def bench_4bit(args, dtype, device, problems) -> Optional[dict]:
     label = "llama-d1024 NF4"
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     cases = [c for c in train_cases(args.llama_layers) if c.name in (R8, R64, MOE)]
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 32000, (args.batch, args.seq), generator=generator).to(device)
+    inputs = training_batch(32000, args, device)
     runners = []
     progress(f"{label}: quantizing {len(cases)} copies")
     with tempfile.TemporaryDirectory(prefix="bench-train-nf4-") as folder:
@@ -650,7 +662,7 @@ def bench_4bit(args, dtype, device, problems) -> Optional[dict]:
                 # The QLoRA recipe: norms, embeddings and lm_head in float32, inputs that require grad.
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
             runners.append(make_runner(case, model, copy_base=False))
-    results = measure(runners, ids, args, device, label, problems)
+    results = measure(runners, inputs, args, device, label, problems)
     samples = {name: entry["step_s"] for name, entry in results.items()}
     print(
         f"\n-- {label}: QLoRA (NF4 base, compute {str(dtype).split('.')[-1]}, prepare_model_for_kbit_training; "
@@ -727,6 +739,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed steps per config, >= 1 (default 2; quick 1)")
     parser.add_argument("--batch", type=int, help="sequences per step (default 4; quick 2)")
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 256; quick 64)")
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="pack the batch's sequences into one row with restarting position ids (padding-free, as moe-peft train)",
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, i.e. OMP_NUM_THREADS)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--skip-train", action="store_true", help="no training steps: generation (and 4-bit) only")
