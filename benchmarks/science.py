@@ -1261,7 +1261,11 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
             "measurement of training (entropy of the training batch; specialisation from 8 validation questions "
             f"per task routed every {MULTITASK_PROBE_EVERY} steps, with its chance level from shuffled task labels). "
             "The last column: seeds per method at which 2 s.e. would fall below 1 point, at the spread over seeds "
-            "seen so far (the question-sampling error does not shrink with seeds).",
+            "seen so far (the question-sampling error does not shrink with seeds). Train minutes are wall-clock on a "
+            "shared 2-core VM whose speed varied between days (the main job trained in 15.4 min on 2026-12-02 "
+            "and in 11.3 on 2026-12-07, same recipe) and some runs shared the CPU with other work: compare them "
+            "between runs of one day only (each run's date is in its result.json); the step-time ratios of "
+            "docs/benchmarks.md are the cost measure.",
             "",
             "![training loss, mean over seeds](multitask_loss.png)",
             "",
