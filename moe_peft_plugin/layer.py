@@ -654,9 +654,13 @@ class Linear(nn.Module, MoeLoraLayer):
         return quantization_extra_repr(self)
 
 
-def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
-    """The autograd version counters of `tensors`: they change with every in-place write (e.g. an optimizer step)."""
-    return tuple(tensor._version for tensor in tensors)
+def _versions(*tensors: torch.Tensor) -> tuple[Optional[int], ...]:
+    """The autograd version counters of `tensors`: they change with every in-place write (e.g. an optimizer step).
+
+    None for an inference tensor (made under `torch.inference_mode()`), which keeps no counter: it can only be written
+    in place inside inference mode, and its identity is what tells it apart (as under torch.compile).
+    """
+    return tuple(None if tensor.is_inference() else tensor._version for tensor in tensors)
 
 
 def _add_update(result: torch.Tensor, update: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:

@@ -139,8 +139,16 @@ def test_shared_router_equals_tied_copies_in_evaluation_decoding_and_mixed_batch
             torch.testing.assert_close(shared(**inputs).logits, want, rtol=0, atol=1e-12)
         mixed = shared(**inputs, adapter_names=["default", "__base__"]).logits
         torch.testing.assert_close(mixed[0], want[0], rtol=0, atol=1e-12)
+    # Under inference mode (evaluation loops, `collect_task_routing`) the layer inputs are inference tensors, which
+    # keep no version counter: the shared routing must still be found, with and without a routing context.
+    with torch.inference_mode():
+        torch.testing.assert_close(shared(**inputs).logits, want, rtol=0, atol=1e-12)
+        with shared.base_model.inference_only():
+            torch.testing.assert_close(shared(**inputs).logits, want, rtol=0, atol=1e-12)
     options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     assert torch.equal(shared.generate(**inputs, **options), tied.generate(**inputs, **options))
+    with torch.inference_mode():
+        assert torch.equal(shared.generate(**inputs, **options), tied.generate(**inputs, **options))
 
 
 def test_router_sharing_with_a_second_adapter_and_delete():
