@@ -531,9 +531,10 @@ def bench_model(label: str, base: nn.Module, source: str, args, dtype, device, p
 def train_table(label, base, source, cases, runners, inputs, args, dtype, device, problems) -> tuple[dict, list[str]]:
     results = measure(runners, inputs, args, device, label, problems)
     adapter_dtypes = sorted({d for entry in results.values() for d in entry.get("adapter_dtypes", ())})
+    batch = f"{args.batch}x{args.seq}" + (" packed in one row" if args.packed else "")
     print(
         f"\n== {label}: {source} ({describe(base)}, {str(dtype).split('.')[-1]}; adapters "
-        f"{', '.join(adapter_dtypes)})  batch {args.batch}x{args.seq}{' packed in one row' if args.packed else ''}  {device.type}, threads={torch.get_num_threads()}"
+        f"{', '.join(adapter_dtypes)})  batch {batch}  {device.type}, threads={torch.get_num_threads()}"
         f"  median of {args.steps} (after {args.warmup} warmup) =="
     )
     failures = print_train_table(label, cases, results, device)
