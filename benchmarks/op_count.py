@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import warnings
 from collections import Counter
 
@@ -88,11 +89,14 @@ def count_decode(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[Count
     with torch.no_grad():
         cache = model(input_ids=prompt, use_cache=True).past_key_values
     token = prompt[:, -1:]
+    # transformers < 5.24 names the KV cache `past_key_values`, later versions `cache`.
+    parameters = inspect.signature(model.get_base_model().forward).parameters
+    cache_name = "cache" if "cache" in parameters else "past_key_values"
 
     def step() -> None:
         # The same cache position every time: each call sees the prompt's cache and one new token, like `generate`.
         with torch.no_grad():
-            model(input_ids=token, past_key_values=copy.deepcopy(cache), use_cache=True)
+            model(input_ids=token, use_cache=True, **{cache_name: copy.deepcopy(cache)})
 
     return _count(step)
 
@@ -114,7 +118,7 @@ def _count(step) -> tuple[Counter, Counter]:
     return every, top
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
@@ -124,7 +128,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="list the N most frequent top-level ops of MOELORA")
     parser.add_argument("--router-sharing", action="store_true", help="also MOELORA with router_sharing=True")
     parser.add_argument("--decode", action="store_true", help="count one step of cached decoding instead of training")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     common = dict(task_type="CAUSAL_LM", target_modules="all-linear")
     moe = dict(r=8, lora_alpha=8, num_experts=8, top_k=2, aux_loss_coef=0.01)
@@ -151,7 +155,7 @@ def main() -> None:
             rows[name] = (every, top, 0)
         else:
             every, top = count_step(model, inputs)
-            rows[name] = (every, top, saved_bytes(model, input_ids))
+            rows[name] = (every, top, saved_bytes(model, {"input_ids": input_ids, "labels": input_ids}))
 
     header = f"{'config':<24}{'aten ops':>10}{'top-level':>11}{'matmuls':>9}{'copies':>8}{'saved KiB':>11}"
     what = f"one decoding step after a prompt of {args.seq}" if args.decode else f"batch={args.batch}x{args.seq}"

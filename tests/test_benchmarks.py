@@ -45,3 +45,28 @@ def test_bench_train_runs_every_config_on_packed_batches_and_writes_its_json(tmp
     ratio = train["MOELORA E=8 r=8 top-2"]["trainable_params"] / train["LoRA r=64"]["trainable_params"]
     assert 1.0 < ratio < 1.1, ratio
     assert train["LoRA r=8"]["time_vs_lora_r8"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decode", [False, True], ids=["train", "decode"])
+def test_op_count_counts_every_config(capsys, decode):
+    # It had crashed since bench_train.saved_bytes took a batch dict instead of the input ids: nothing ran it.
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import op_count
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    argv = ["--hidden", "64", "--layers", "1", "--batch", "1", "--seq", "8", "--contrastive", "--router-sharing"]
+    op_count.main(argv + (["--decode"] if decode else ["--top", "3"]))
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():  # "{config:<24}{aten ops}{top-level}{matmuls}{copies}{KiB}"
+        if line[:24].strip() in ("LoRA r=64", "MOELORA E=8 r=8 top-2", "MOELORA +contrastive", "MOELORA shared routers"):
+            rows[line[:24].strip()] = [float(value) for value in line[24:].split()]
+    assert len(rows) == 4, rows
+    lora_ops, moe_ops = rows["LoRA r=64"][0], rows["MOELORA E=8 r=8 top-2"][0]
+    assert moe_ops > lora_ops > 0 and rows["MOELORA shared routers"][0] < moe_ops
+    if decode:  # no router losses while decoding
+        assert rows["MOELORA +contrastive"] == rows["MOELORA E=8 r=8 top-2"]
+    else:
+        assert rows["MOELORA +contrastive"][0] > moe_ops
+        assert all(row[4] > 0 for row in rows.values())  # saved KiB
