@@ -59,8 +59,9 @@ def test_op_count_counts_every_config(capsys, decode):
     argv = ["--hidden", "64", "--layers", "1", "--batch", "1", "--seq", "8", "--contrastive", "--router-sharing"]
     op_count.main(argv + (["--decode"] if decode else ["--top", "3"]))
     rows = {}
+    names = ("LoRA r=64", "MOELORA E=8 r=8 top-2", "MOELORA +contrastive", "MOELORA shared routers")
     for line in capsys.readouterr().out.splitlines():  # "{config:<24}{aten ops}{top-level}{matmuls}{copies}{KiB}"
-        if line[:24].strip() in ("LoRA r=64", "MOELORA E=8 r=8 top-2", "MOELORA +contrastive", "MOELORA shared routers"):
+        if line[:24].strip() in names:
             rows[line[:24].strip()] = [float(value) for value in line[24:].split()]
     assert len(rows) == 4, rows
     lora_ops, moe_ops = rows["LoRA r=64"][0], rows["MOELORA E=8 r=8 top-2"][0]
