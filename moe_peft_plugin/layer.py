@@ -344,7 +344,6 @@ class Linear(nn.Module, MoeLoraLayer):
                 routing.selected,
                 options.contrastive_temperature,
                 context.token_weight(batch_shape),
-                index=routing.index,
             )
             components["contrastive"] = contrastive
             weighted_contrastive = contrastive_coef * contrastive

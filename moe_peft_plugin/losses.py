@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 
 # Relative floor of the norms in the contrastive loss (see `expert_contrastive_loss`).
@@ -83,7 +82,6 @@ def expert_contrastive_loss(
     selected: torch.Tensor,
     temperature: float,
     token_weight: Optional[torch.Tensor] = None,
-    index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """InfoNCE contrastive loss over expert outputs (MoELoRA, arXiv 2402.12851), computed in rank space.
 
@@ -98,7 +96,11 @@ def expert_contrastive_loss(
     This pulls each expert's outputs together and pushes different experts apart, so experts learn distinct
     features. All inner products are taken through the Gram matrix `B_e^T B_f` (`(E, r, E, r)`), so the
     `(tokens, E, out)` expert outputs are never materialised: the cost is `O(tokens * E^2 * r)` instead of
-    `O(tokens * E * out)`, and `O(tokens * k * E * r)` when `index` lists the `k` selected experts of each token.
+    `O(tokens * E * out)`.
+
+    It runs in float32 (float64 for float64 inputs), autocast or not, as one autograd node with a hand-written
+    backward pass (see [`_ExpertContrastive`]), which keeps nothing per token for the backward pass but `h`, which
+    the expert up-projection keeps anyway, and the `(E,)` pair weights.
 
     Args:
         h: `(tokens, E, r)` expert inputs `A_e x_t` (before gating and scaling).
@@ -106,61 +108,127 @@ def expert_contrastive_loss(
         selected: `(tokens, E)` bool, the pairs that take part (top-k selection).
         temperature: InfoNCE temperature.
         token_weight: `(tokens,)` 1 for real tokens, 0 for padding.
-        index: `(tokens, k)` the selected experts of each token (`Routing.index`), if `selected` is exactly these
-            pairs: the loss is then computed on the selected pairs only (the same value in `k / E` of the work).
     """
-    if h.shape[1] < 2:
-        return h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
     dtype = torch.promote_types(h.dtype, torch.float32)
-    h = h.to(dtype)
-    lora_B = lora_B.to(dtype)
-    num_experts, _, rank = lora_B.shape
-    flat_B = lora_B.permute(1, 0, 2).flatten(1)  # (out, E*r)
-    gram = (flat_B.T @ flat_B).view(num_experts, rank, num_experts, rank)  # (E, r, E, r): B_e^T B_f
-    gram_diag = gram.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (E, r, r): B_e^T B_e
-    tiny = 1e-12
-    # A plain normalisation has a gradient of 1/|y|, which explodes while the experts are still ~0 (B starts at 0):
-    # the norm gets a floor proportional to the expert inputs (all pairs), so the loss fades in as the experts grow.
-    floor_sq = CONTRASTIVE_NORM_FLOOR**2 * h.detach().square().sum(-1).mean()
-    sparse = index is not None and index.shape[1] < num_experts
-    if sparse:
-        # Only the pairs (t, index[t, j]): (tokens, k, ...) tensors instead of (tokens, E, ...).
-        # Products with every expert's matrices are cheap (r x r and r x E); gathering their results rather than the
-        # matrices keeps the tensors saved for the backward pass at (tokens, k, r).
-        # (Indexing, not `gather`: the backward of `gather` keeps its whole input.)
-        target = index.long()
-        token = torch.arange(h.shape[0], device=h.device).unsqueeze(-1)
-        gram_h = torch.einsum("ter,ers->tes", h, gram_diag)  # (tokens, E, r): B_e^T B_e h[t, e]
-        h = h[token, target]  # (tokens, k, r)
-        norm_sq = (h * gram_h[token, target]).sum(-1)  # (tokens, k): |y|^2
-        pair_weight = torch.ones(target.shape, dtype=dtype, device=h.device)
-    else:
-        target = torch.arange(num_experts, device=h.device).expand(h.shape[0], -1)
-        norm_sq = torch.einsum("ter,ers,tes->te", h, gram_diag, h)  # (tokens, E): |y[t, e]|^2
-        pair_weight = selected.to(dtype)
+    if h.shape[1] < 2:
+        return h.new_zeros((), dtype=dtype)
+    pair_weight = selected.T.to(dtype)  # (E, tokens), expert-major like every per-pair tensor below
     if token_weight is not None:
-        pair_weight = pair_weight * token_weight.to(dtype).unsqueeze(-1)
-    h_unit = h * (norm_sq + floor_sq).clamp_min(tiny).rsqrt().unsqueeze(-1)  # coefficients of u in B_e's basis
+        pair_weight = pair_weight * token_weight.to(dtype)
+    return _ExpertContrastive.apply(h, lora_B, pair_weight, float(temperature))
 
-    if sparse:
-        flat_index = target.flatten()
-        count = pair_weight.new_zeros(num_experts).index_add(0, flat_index, pair_weight.flatten())  # (E,)
-        weighted = (pair_weight.unsqueeze(-1) * h_unit).flatten(0, 1)
-        total = h_unit.new_zeros(num_experts, rank).index_add(0, flat_index, weighted)  # (E, r)
-    else:
-        count = pair_weight.sum(dim=0)  # (E,)
-        total = torch.einsum("te,ter->er", pair_weight, h_unit)
-    proto = total / count.clamp_min(1.0).unsqueeze(-1)  # (E, r)
-    proto_norm_sq = torch.einsum("er,ers,es->e", proto, gram_diag, proto)
-    proto = proto * (proto_norm_sq + CONTRASTIVE_NORM_FLOOR**2).clamp_min(tiny).rsqrt().unsqueeze(-1)
 
-    gram_proto = torch.einsum("erfs,fs->erf", gram, proto)  # (E, r, E): B_e^T p_f
-    if sparse:  # (tokens, k, E): <u[t, index[t, j]], p_f> / T
-        every = torch.einsum("tkr,erf->tkef", h_unit, gram_proto)  # in every expert's basis; keep the pair's own
-        sim = every[token, torch.arange(target.shape[1], device=h.device), target] / temperature
-    else:  # (tokens, E, E): <u[t, e], p_f> / T
-        sim = torch.einsum("ter,erf->tef", h_unit, gram_proto) / temperature
-    # Experts that received no token have no prototype and are no negatives.
-    sim = sim.masked_fill((count == 0).view(1, 1, -1), torch.finfo(sim.dtype).min)
-    nll = F.cross_entropy(sim.flatten(0, 1), target.flatten(), reduction="none").view_as(pair_weight)
-    return (nll * pair_weight).sum() / pair_weight.sum().clamp_min(1.0)
+def _gram(lora_B: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(F, G, D)`: `F = [B_1 ... B_E]` `(out, E*r)`, the Gram matrix `G[e, :, f, :] = B_e^T B_f` `(E, r, E, r)` and
+    its diagonal blocks `D[e] = B_e^T B_e` `(E, r, r)`, in `dtype`."""
+    num_experts, _, rank = lora_B.shape
+    flat_B = lora_B.to(dtype).permute(1, 0, 2).flatten(1)
+    gram = (flat_B.T @ flat_B).view(num_experts, rank, num_experts, rank)
+    return flat_B, gram, gram.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _expert_major(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(tokens, E, r)` -> `(E, r, tokens)` in `dtype`, contiguous: the layout of the per-token work of
+    [`_ExpertContrastive`], where every product is a `bmm` and the softmax over experts runs over a middle dimension
+    (on CPU a softmax over a last dimension of size E is ~20x slower)."""
+    return h.to(dtype).permute(1, 2, 0).contiguous()
+
+
+def _normalised(
+    h: torch.Tensor, gram_diag: torch.Tensor, floor_sq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(D h, scale, u)` for the expert-major `(E, r, tokens)` inputs `h`: `scale = (|B_e h|^2 + c^2)^-1/2`
+    `(E, tokens)` and the softly normalised expert outputs `u = scale * h`, in the basis of each `B_e`."""
+    gram_h = torch.bmm(gram_diag, h)
+    scale = ((gram_h * h).sum(1) + floor_sq).clamp_min(1e-12).rsqrt()
+    return gram_h, scale, h * scale.unsqueeze(1)
+
+
+def _similarities(
+    unit: torch.Tensor, gram: torch.Tensor, proto: torch.Tensor, count: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B_e^T p_f (E, r, E), <u[t, e], p_f> / temperature (E, E, tokens))`; experts without tokens have no prototype
+    and are no negatives (their similarity is the dtype's minimum)."""
+    gram_proto = (gram * proto).sum(-1)  # sum_s G[e, r, f, s] p[f, s]
+    no_token = ((count == 0).to(unit.dtype) * torch.finfo(unit.dtype).min).view(1, -1, 1)
+    return gram_proto, torch.baddbmm(no_token, gram_proto.transpose(1, 2), unit, alpha=1.0 / temperature)
+
+
+class _ExpertContrastive(torch.autograd.Function):
+    """[`expert_contrastive_loss`] of `(h, lora_B, pair_weight (E, tokens), temperature)` with its gradient by hand.
+
+    Autograd over the formula records every elementwise step of the normalisations, the prototypes and the softmax,
+    each with a backward node and its saved tensors: 0.6-1 KiB per token and layer in float32 with E=8, r=8, which
+    made the contrastive loss the largest part of a MOELORA layer's activation memory. This saves `h`, `B`, the pair
+    weights and `(E, r)`-sized tensors only, recomputes the per-token quantities in the backward pass (two batched
+    matmuls and the softmax), and applies the chain rule by hand in the expert-major layout (see [`_expert_major`]).
+    The floor `c^2` is a constant (the loss computes it from `h` detached). `tests/test_layer.py` checks value and
+    gradients against a float64 reference that materialises every expert output.
+    """
+
+    @staticmethod
+    def forward(ctx, h, lora_B, pair_weight, temperature):
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            dtype = pair_weight.dtype
+            h_e = _expert_major(h, dtype)
+            _, gram, gram_diag = _gram(lora_B, dtype)
+            floor_sq = CONTRASTIVE_NORM_FLOOR**2 * h_e.square().sum(1).mean()
+            count = pair_weight.sum(-1)  # (E,) weighted number of tokens routed to each expert
+            unit = _normalised(h_e, gram_diag, floor_sq)[2]
+            # Prototypes: the mean direction of each expert's tokens, softly normalised.
+            mean = torch.bmm(unit, pair_weight.unsqueeze(-1)).squeeze(-1) / count.clamp_min(1.0).unsqueeze(-1)
+            gram_mean = torch.bmm(gram_diag, mean.unsqueeze(-1)).squeeze(-1)  # (E, r)
+            proto_scale = ((gram_mean * mean).sum(-1) + CONTRASTIVE_NORM_FLOOR**2).rsqrt()  # (E,)
+            sim = _similarities(unit, gram, mean * proto_scale.unsqueeze(-1), count, temperature)[1]
+            own = sim.log_softmax(1).diagonal(dim1=0, dim2=1)  # (tokens, E): log p(the pair's own expert)
+            total_weight = pair_weight.sum().clamp_min(1.0)
+            loss = -(own * pair_weight.T).sum() / total_weight
+        ctx.save_for_backward(h, lora_B, pair_weight, mean, proto_scale, floor_sq, total_weight)
+        ctx.temperature = temperature
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, lora_B, pair_weight, mean, proto_scale, floor_sq, total_weight = ctx.saved_tensors
+        temperature = ctx.temperature
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            dtype = pair_weight.dtype
+            num_experts, out_features, rank = lora_B.shape
+            h_e = _expert_major(h, dtype)
+            flat_B, gram, gram_diag = _gram(lora_B, dtype)
+            count = pair_weight.sum(-1)
+            proto = mean * proto_scale.unsqueeze(-1)
+            gram_h, scale, unit = _normalised(h_e, gram_diag, floor_sq)
+            gram_proto, sim = _similarities(unit, gram, proto, count, temperature)
+
+            # Cross entropy: d loss / d sim[e, f, t] = w[e, t] / W * (softmax(sim[e, :, t])[f] - [f == e]).
+            pair_grad = (grad.to(dtype) / (total_weight * temperature)) * pair_weight  # (E, tokens), 1/T folded in
+            grad_sim = sim.softmax(1) * pair_grad.unsqueeze(1)
+            grad_sim.diagonal(dim1=0, dim2=1).sub_(pair_grad.T)
+            grad_unit = torch.bmm(gram_proto, grad_sim)  # (E, r, tokens)
+            grad_gram_proto = torch.bmm(unit, grad_sim.transpose(1, 2))  # (E, r, E)
+            grad_gram = grad_gram_proto.unsqueeze(-1) * proto  # (E, r, E, r): d loss / d G[e, r, f, s]
+            grad_proto = (gram * grad_gram_proto.unsqueeze(-1)).sum((0, 1))  # (E, r)
+
+            # proto = mean * (mean^T D mean + c0^2)^-1/2
+            gram_mean = torch.bmm(gram_diag, mean.unsqueeze(-1)).squeeze(-1)
+            proto_term = proto_scale.pow(3) * (grad_proto * mean).sum(-1)  # (E,)
+            grad_mean = proto_scale.unsqueeze(-1) * grad_proto - proto_term.unsqueeze(-1) * gram_mean
+            grad_diag = -0.5 * proto_term.view(-1, 1, 1) * mean.unsqueeze(-1) * mean.unsqueeze(1)  # (E, r, r)
+            # mean[e] = sum_t w[e, t] u[t, e] / count[e]
+            token_share = pair_weight / count.clamp_min(1.0).unsqueeze(-1)
+            grad_unit = torch.baddbmm(grad_unit, grad_mean.unsqueeze(-1), token_share.unsqueeze(1))
+            # u = h * (h^T D h + c^2)^-1/2
+            unit_term = scale.pow(3) * (grad_unit * h_e).sum(1)  # (E, tokens)
+            grad_diag = torch.baddbmm(grad_diag, h_e * unit_term.unsqueeze(1), h_e.transpose(1, 2), alpha=-0.5)
+            grad_gram.diagonal(dim1=0, dim2=2).add_(grad_diag.permute(1, 2, 0))
+
+            grad_h = grad_B = None
+            if ctx.needs_input_grad[0]:
+                grad_h = scale.unsqueeze(1) * grad_unit - unit_term.unsqueeze(1) * gram_h
+                grad_h = grad_h.permute(2, 0, 1).to(h.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_gram = grad_gram.view(num_experts * rank, num_experts * rank)
+                grad_flat_B = flat_B @ (grad_gram + grad_gram.T)  # G = F^T F
+                grad_B = grad_flat_B.view(out_features, num_experts, rank).permute(1, 0, 2).to(lora_B.dtype)
+        return grad_h, grad_B, None, None

@@ -407,10 +407,9 @@ def test_z_loss_and_gate_balance_formulas():
     )
 
 
-@pytest.mark.parametrize("selected_pairs_only", [False, True], ids=["dense", "selected-pairs"])
 @pytest.mark.parametrize("with_padding", [False, True])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
-def test_contrastive_loss_matches_materialised_reference(top_k, with_padding, selected_pairs_only):
+def test_contrastive_loss_matches_materialised_reference(top_k, with_padding):
     torch.manual_seed(top_k)
     num_experts, r, d_in, d_out, tokens = 4, 3, 10, 9, 12
     x = torch.randn(tokens, d_in, dtype=torch.float64, requires_grad=True)
@@ -422,8 +421,7 @@ def test_contrastive_loss_matches_materialised_reference(top_k, with_padding, se
     selected = routing.selected
     token_weight = (torch.arange(tokens) >= 4).long() if with_padding else None
     h = torch.einsum("ti,eri->ter", x, A)
-    index = routing.index if selected_pairs_only else None
-    fast = L.expert_contrastive_loss(h, B, selected, temperature=0.1, token_weight=token_weight, index=index)
+    fast = L.expert_contrastive_loss(h, B, selected, temperature=0.1, token_weight=token_weight)
     ref = reference_contrastive(x, A, B, selected, temperature=0.1, token_weight=token_weight)
     torch.testing.assert_close(fast.double(), ref, rtol=1e-6, atol=1e-8)
     grads_fast = torch.autograd.grad(fast, (x, A, B))
@@ -441,6 +439,51 @@ def test_contrastive_loss_is_finite_for_zero_experts_and_single_expert():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(h.grad).all() and torch.isfinite(B.grad).all()
     assert L.expert_contrastive_loss(h[:, :1], B[:1], selected[:, :1], 0.1).item() == 0.0
+
+
+def test_contrastive_loss_keeps_nothing_per_token_but_its_inputs_for_the_backward_pass():
+    # Only the pair weights, (E,) floats per token, may be saved beside h and B (which the layer keeps anyway):
+    # autograd over the formula kept ~600 B per token here (normalised outputs, similarities, softmax).
+    num_experts, tokens = 8, 512
+    h = torch.randn(tokens, num_experts, 8, requires_grad=True)
+    B = torch.randn(num_experts, 64, 8, requires_grad=True)
+    selected = route(torch.randn(tokens, num_experts), 2, "topk").selected
+    inputs = {h.untyped_storage().data_ptr(), B.untyped_storage().data_ptr()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            saved.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = L.expert_contrastive_loss(h, B, selected, 0.1, torch.ones(tokens, dtype=torch.long))
+    assert sum(saved.values()) <= 4 * num_experts * tokens + 1024, sum(saved.values()) / tokens
+    loss.backward()
+    assert h.grad.abs().sum() > 0 and B.grad.abs().sum() > 0
+
+
+def test_contrastive_loss_runs_in_float32_for_half_precision_inputs_and_under_autocast():
+    torch.manual_seed(0)
+    h = torch.randn(24, 4, 3)
+    B = torch.randn(4, 10, 3)
+    selected = route(torch.randn(24, 4), 2, "topk").selected
+    h32, B32 = h.clone().requires_grad_(), B.clone().requires_grad_()
+    expected = L.expert_contrastive_loss(h32, B32, selected, 0.1)
+    expected.backward()
+    h16, B16 = h.bfloat16().float().bfloat16().requires_grad_(), B.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = L.expert_contrastive_loss(h16, B16, selected, 0.1)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h16.grad.dtype == torch.bfloat16 and B16.grad.dtype == torch.float32
+    # Only the bf16 rounding of h differs from the float32 run (a bf16 matmul inside would be far coarser).
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
+    torch.testing.assert_close(B16.grad, B32.grad, rtol=0.1, atol=1e-3 * B32.grad.abs().max().item())
+    # Frozen experts (MoLE): no gradient for B, the same gradient for h.
+    h_only = h.clone().requires_grad_()
+    L.expert_contrastive_loss(h_only, B, selected, 0.1).backward()
+    torch.testing.assert_close(h_only.grad, h32.grad)
 
 
 def test_init_weights_true_is_identity_and_false_is_not():
