@@ -238,7 +238,7 @@ def check_correctness() -> None:
         fast_grads = {n: p.grad for n, p in params.items() if p.requires_grad}
         fast_x_grad = x.grad
 
-        y_ref, aux_ref = reference_loss(layer, x, layer.routing_options.default)
+        y_ref, aux_ref = reference_loss(layer, x, layer.routing_options["default"])
         loss_ref = (y_ref * grad_y).sum() + aux_ref
         names = list(fast_grads)
         ref_grads = torch.autograd.grad(loss_ref, [params[n] for n in names] + [x])

@@ -71,3 +71,18 @@ def test_op_count_counts_every_config(capsys, decode):
     else:
         assert rows["MOELORA +contrastive"][0] > moe_ops
         assert all(row[4] > 0 for row in rows.values())  # saved KiB
+
+
+@pytest.mark.slow
+def test_bench_layer_checks_the_fast_path_and_times_every_config():
+    # It had crashed in its float64 check since `routing_options` became a dict of RoutingOptions: nothing ran it.
+    script = SCRIPT.parent / "bench_layer.py"
+    sizes = ["--dims", "64", "--tokens", "32", "--reps", "1", "--warmup", "1", "--threads", "1"]
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", *sizes], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checks = [line for line in result.stdout.splitlines() if line.startswith("  ok  ")]
+    assert len(checks) == 3, result.stdout  # E=8 top-2 + contrastive, dense E=2, MoLE: each "ok" against float64
+    table = result.stdout.split("== d=64", 1)[1]
+    assert all(name in table for name in ("LoRA r=64", "MOELORA E=8 +contrastive", "MoLE soft E=3 r=8 frozen"))
