@@ -23,8 +23,8 @@ batches, its split and its 100 steps; their own `--out_dir`, e.g. docs/science/m
 * `multitask`: the fair comparison. LoRA r=64 and MoELoRA (the main job's adapter: 8 x r8, top-2, load balancing +
   contrastive, routers at 10x) each get a learning rate from a grid (1e-4, 3e-4, 1e-3; seed 0) scored on the validation
   questions; then every method runs 3 seeds at its rate and is scored on all held-out questions (2,455): LoRA r=64,
-  MoELoRA, MoELoRA without the contrastive loss, LoRA r=8, MoLA 2-4-6-8 and 5-5-5-5, MoELoRA with `router_sharing`
-  (the variants at the rate of the method they vary). Seed 0 of a tuned method is its grid run at the chosen rate, re-scored on the held-out questions.
+  MoELoRA, MoELoRA without the contrastive loss, LoRA r=8, MoLA 2-4-6-8 and 5-5-5-5, MoELoRA with `router_sharing`,
+  MoLA 8-6-4-2 and 3-7-7-3 (the variants at the rate of the method they vary). Seed 0 of a tuned method is its grid run at the chosen rate, re-scored on the held-out questions.
   The report gives the grid, the held-out table (macro and per task, trainable parameters, train minutes, routing) and
   each paper claim as a paired verdict with the question-sampling error.
 * `router`: MoELoRA (8 x r8, top-2, load balancing + contrastive) with the routers at the experts' learning rate vs at
@@ -236,6 +236,10 @@ def multitask_methods() -> dict[str, Method]:
         "mt_mola_2468": Method("moelora", dict(moe, num_experts=mola_list((2, 4, 6, 8))), ratio, "mt_moelora"),
         "mt_mola_5555": Method("moelora", dict(moe, num_experts=mola_list((5, 5, 5, 5))), ratio, "mt_moelora"),
         "mt_moelora_shared_routers": Method("moelora", dict(moe, router_sharing=True), ratio, "mt_moelora"),
+        # Added after the first variants' seeds: MoLA's triangle (the same 150 experts as 2-4-6-8 and 5-5-5-5) and a
+        # middle-heavy allocation (146 experts: no symmetric one with at most 8 per layer has exactly 150).
+        "mt_mola_8642": Method("moelora", dict(moe, num_experts=mola_list((8, 6, 4, 2))), ratio, "mt_moelora"),
+        "mt_mola_3773": Method("moelora", dict(moe, num_experts=mola_list((3, 7, 7, 3))), ratio, "mt_moelora"),
     }
 
 
@@ -1155,6 +1159,8 @@ MULTITASK_LABELS = {
     "mt_mola_2468": "MoLA 2-4-6-8",
     "mt_mola_5555": "MoLA 5-5-5-5",
     "mt_moelora_shared_routers": "MoELoRA, routers shared by q/k/v and gate/up",
+    "mt_mola_8642": "MoLA 8-6-4-2",
+    "mt_mola_3773": "MoLA 3-7-7-3 (middle-heavy)",
 }
 # (baseline, method, the claim, what the paper reports)
 MULTITASK_CLAIMS = (
@@ -1163,6 +1169,9 @@ MULTITASK_CLAIMS = (
     ("mt_lora_r8", "mt_moelora", "MoELoRA beats LoRA r=8 (the cheap adapter)", "–"),
     ("mt_moelora_no_contrastive", "mt_moelora", "The contrastive loss improves accuracy", "MoELoRA / CoMoE: yes"),
     ("mt_mola_5555", "mt_mola_2468", "MoLA 2-4-6-8 beats uniform 5-5-5-5 (same experts in all)", "MoLA: yes"),
+    ("mt_mola_8642", "mt_mola_2468", "MoLA 2-4-6-8 beats the triangle 8-6-4-2 (same experts)", "MoLA: yes"),
+    ("mt_mola_5555", "mt_mola_3773", "More experts in the middle layers (3-7-7-3) beat uniform 5-5-5-5",
+     "MoLA (published version): the middle layers gain most"),
     ("mt_moelora", "mt_moelora_shared_routers", "Routers shared by q/k/v and gate/up (opt-in) beat one per module",
      "MixLoRA shares the FFN router (no ablation)"),
     ("mt_lora_r8", "mt_lora_r64", "LoRA r=64 beats LoRA r=8", "–"),

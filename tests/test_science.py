@@ -296,7 +296,9 @@ def test_multitask_study_tunes_on_validation_then_runs_seeds_on_held_out_questio
     assert rates["mt_lora_r8"] == rates["mt_lora_r64"] == 1e-3
     assert len(order) == len(set(order)) == 3 * len(science.multitask_methods())
     mola = {r.name: r.adapter["num_experts"] for r in final if r.name.startswith("mt_mola")}
-    assert sum(mola["mt_mola_2468"]) == sum(mola["mt_mola_5555"]) == 150  # MoLA's claim is at equal experts
+    # MoLA's claims are at equal experts (a symmetric middle-heavy allocation can only come close)
+    assert sum(mola["mt_mola_2468"]) == sum(mola["mt_mola_5555"]) == sum(mola["mt_mola_8642"]) == 150
+    assert sum(mola["mt_mola_3773"]) == 146 and mola["mt_mola_3773"][15] == 7 and mola["mt_mola_3773"][0] == 3
     seen = set()
     for run in runs:
         assert all(i in seen for i in run.inputs), f"{run.run_dir} runs before its inputs"
