@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import warnings
 from collections import Counter
 
@@ -43,6 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import moe_peft_plugin  # noqa: F401  (registers MOELORA)
 from moe_peft_plugin import MoeLoraConfig
+from moe_peft_plugin.evaluation import kv_cache_argument
 
 
 try:  # run as a script from this folder
@@ -89,9 +89,7 @@ def count_decode(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[Count
     with torch.no_grad():
         cache = model(input_ids=prompt, use_cache=True).past_key_values
     token = prompt[:, -1:]
-    # transformers < 5.24 names the KV cache `past_key_values`, later versions `cache`.
-    parameters = inspect.signature(model.get_base_model().forward).parameters
-    cache_name = "cache" if "cache" in parameters else "past_key_values"
+    cache_name = kv_cache_argument(model)
 
     def step() -> None:
         # The same cache position every time: each call sees the prompt's cache and one new token, like `generate`.

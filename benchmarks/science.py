@@ -233,12 +233,18 @@ def multitask_methods() -> dict[str, Method]:
         "mt_moelora": Method("moelora", moe, ratio),  # the main job's adapter
         "mt_moelora_no_contrastive": Method("moelora", dict(moe, contrastive_loss_coef=0.0), ratio, "mt_moelora"),
         "mt_lora_r8": Method("lora", dict(r=8, lora_alpha=16), lr_from="mt_lora_r64"),
-        "mt_mola_2468": Method("moelora", dict(moe, num_experts=mola_list((2, 4, 6, 8))), ratio, "mt_moelora"),
-        "mt_mola_5555": Method("moelora", dict(moe, num_experts=mola_list((5, 5, 5, 5))), ratio, "mt_moelora"),
+        "mt_mola_2468": Method(
+            "moelora", dict(moe, num_experts=mola_list(MOLA_ALLOCATIONS["mola_2468"])), ratio, "mt_moelora"
+        ),
+        "mt_mola_5555": Method(
+            "moelora", dict(moe, num_experts=mola_list(MOLA_ALLOCATIONS["mola_5555"])), ratio, "mt_moelora"
+        ),
         "mt_moelora_shared_routers": Method("moelora", dict(moe, router_sharing=True), ratio, "mt_moelora"),
         # Added after the first variants' seeds: MoLA's triangle (the same 150 experts as 2-4-6-8 and 5-5-5-5) and a
         # middle-heavy allocation (146 experts: no symmetric one with at most 8 per layer has exactly 150).
-        "mt_mola_8642": Method("moelora", dict(moe, num_experts=mola_list((8, 6, 4, 2))), ratio, "mt_moelora"),
+        "mt_mola_8642": Method(
+            "moelora", dict(moe, num_experts=mola_list(MOLA_ALLOCATIONS["mola_8642"])), ratio, "mt_moelora"
+        ),
         "mt_mola_3773": Method("moelora", dict(moe, num_experts=mola_list((3, 7, 7, 3))), ratio, "mt_moelora"),
     }
 

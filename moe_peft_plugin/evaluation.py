@@ -204,6 +204,13 @@ def _log_softmax(logits):
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
 
 
+def kv_cache_argument(model) -> str:
+    """The keyword that passes a KV cache to `model`'s forward: transformers < 5.24 names it `past_key_values`, later
+    versions `cache`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _score_with_shared_prompts(model, tokenizer, encoded, questions, batch_size, logprob, bar) -> list[int]:
     """A batch of prompts (left-padded) with a KV cache, then every option of each from its prompt's cache. Returns
     the questions left to score as whole sequences: all of them if the model returns no KV cache."""
@@ -213,9 +220,7 @@ def _score_with_shared_prompts(model, tokenizer, encoded, questions, batch_size,
         return []
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # transformers < 5.24 names the KV cache `past_key_values`, later versions `cache`.
-    cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache_name = kv_cache_argument(model)
     order = sorted(questions, key=lambda q: -len(encoded[q][0]))  # similar prompt lengths share a batch
     for begin in range(0, len(order), batch_size):
         batch = order[begin : begin + batch_size]
