@@ -854,6 +854,63 @@ def loss_by_quarter(runs: Sequence[dict]) -> Optional[list[float]]:
     return np.mean(quarters, axis=0).tolist() if quarters else None
 
 
+def flattening_sentence(quarters: Mapping[str, Optional[Sequence[float]]], labels: Mapping[str, str]) -> Optional[str]:
+    """Whether the loss curves have flattened, in words: how much each method's loss still fell from the third to the
+    last quarter of training (the quarter means of [`loss_by_quarter`]), against how much it fell over the first
+    three quarters."""
+    falls = {name: (values[2] - values[3], values[0] - values[2]) for name, values in quarters.items() if values}
+    if not falls:
+        return None
+    last = [late for late, _ in falls.values()]
+    early = [early for _, early in falls.values()]
+    slowest = min(falls, key=lambda name: falls[name][0])
+    return (
+        f"From the third to the last quarter the loss still fell by {min(last):.3f} to {max(last):.3f} "
+        f"(the least: {labels.get(slowest, slowest)}), against {min(early):.3f} to {max(early):.3f} over the first "
+        "three quarters together: the curves flatten but have not stopped falling, so longer training could still "
+        "move every method, and this study compares the methods at one training length."
+    )
+
+
+def specialisation_and_accuracy(groups: Mapping[str, Sequence[dict]], permutations: int = 10_000) -> Optional[str]:
+    """Does a run whose routers specialise more by task score better? The Pearson correlation between the last
+    measured specialisation (mean over layers) and the held-out macro accuracy, pooled within methods (each method's
+    runs centred on their own means: the seed-to-seed variation, so that a method difference does not pass for the
+    effect), with a two-sided permutation p-value (accuracies shuffled within each method; fixed seed)."""
+    centred_special, centred_accuracy, methods = [], [], 0
+    for runs in groups.values():
+        pairs = [(s, _macro(r)) for r in runs if (s := _last(r, "router/specialisation")) is not None]
+        if len(pairs) < 2:
+            continue
+        values = np.asarray(pairs, dtype=float)
+        centred_special.append(values[:, 0] - values[:, 0].mean())
+        centred_accuracy.append(values[:, 1] - values[:, 1].mean())
+        methods += 1
+    if methods == 0 or sum(len(s) for s in centred_special) < 4:
+        return None
+
+    def correlation(accuracies: Sequence[np.ndarray]) -> float:
+        x, y = np.concatenate(centred_special), np.concatenate(accuracies)
+        denominator = math.sqrt(float((x**2).sum() * (y**2).sum()))
+        return float((x * y).sum() / denominator) if denominator else 0.0
+
+    observed = correlation(centred_accuracy)
+    rng = np.random.default_rng(0)
+    extreme = sum(
+        abs(correlation([rng.permutation(a) for a in centred_accuracy])) >= abs(observed) - 1e-12
+        for _ in range(permutations)
+    )
+    p_value = (extreme + 1) / (permutations + 1)
+    runs = sum(len(s) for s in centred_special)
+    return (
+        "Does specialising more go with accuracy? Between seeds of one method, the correlation of the last "
+        f"specialisation (mean over layers) with the held-out macro accuracy is r = {observed:+.2f} ({runs} runs of "
+        f"{methods} methods, each centred on its method's mean; permutation p = {p_value:.3f}): "
+        + ("not resolved at this number of runs." if p_value >= 0.05 else
+           f"{'higher' if observed > 0 else 'lower'} accuracy where the routers specialise more (p < 0.05).")
+    )  # fmt: skip
+
+
 # Runs made once by design, with no seed of their own (the base model; the arithmetic merge of given LoRAs): they pair
 # with every seed of the other method. Any other run pairs only with the same seed.
 SEEDLESS_KINDS = ("base", "merge")
@@ -1221,8 +1278,8 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
             f"Held-out accuracy % ({num_questions} questions over the 8 tasks, never trained on), mean ± std over seeds:",
             "",
             "| method | lr | seeds | macro | " + " | ".join(tasks) + " | trainable params | train min | "
-            "entropy / ln E | specialisation mean / max (chance) |",
-            "|---" * (len(tasks) + 8) + "|",
+            "entropy / ln E | dead experts | specialisation mean / max (chance) |",
+            "|---" * (len(tasks) + 9) + "|",
         ]
         for name in ["mt_base", *multitask_methods()]:
             runs = final.get(name)
@@ -1235,9 +1292,13 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
             special = [_last(r, "router/specialisation") for r in runs]
             special_max = [_last(r, "router/specialisation_max") for r in runs]
             chance = [_last(r, "router/specialisation_chance") for r in runs]
-            routing = "– | –"
+            dead = [_last(r, "router/dead_experts") for r in runs]
+            experts = {sum(row["num_experts"] for row in r["routing"]["per_layer"]) for r in runs if "routing" in r}
+            routing = "– | – | –"
             if entropy:
-                routing = (f"{mean_std(entropy, 1.0, 3)} | {mean_std(special, 1.0, 3)} / {mean_std(special_max, 1.0, 3)}"
+                routing = (f"{mean_std(entropy, 1.0, 3)} | {mean_std(dead, 1.0, 0)}"
+                           + (f" of {experts.pop():,}" if len(experts) == 1 else "")
+                           + f" | {mean_std(special, 1.0, 3)} / {mean_std(special_max, 1.0, 3)}"
                            f" ({mean_std(chance, 1.0, 3)})")  # fmt: skip
             lines.append(
                 f"| {MULTITASK_LABELS.get(name, name)} | {spec['learning_rate'] if trained else '–'} | {_seeds(runs)} | "
@@ -1273,7 +1334,8 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
             "Verdicts as in the single-task claims table below (paired by seed; the standard error combines the "
             "spread over seeds with the question-sampling error of the held-out set). A difference outside "
             "'mean ± 2 s.e.' (e.g. a paper's gain) is not what this setting shows. Routing columns: the last "
-            "measurement of training (entropy of the training batch; specialisation from 8 validation questions "
+            "measurement of training (entropy of the training batch; dead experts: those with < 1% of their "
+            "layer's tokens in the last logging window; specialisation from 8 validation questions "
             f"per task routed every {MULTITASK_PROBE_EVERY} steps, with its chance level from shuffled task labels). "
             "The last column: seeds per method at which 2 s.e. would fall below 1 point, at the spread over seeds "
             "seen so far (the question-sampling error does not shrink with seeds). Train minutes are wall-clock on a "
@@ -1291,9 +1353,13 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
         if shown:
             lines += [
                 "Has training flattened? Mean training loss per quarter of the steps (mean over seeds; each step "
-                "sees new examples, so this is close to a loss on unseen data): " + "; ".join(shown) + ".",
+                "sees new examples, so this is close to a loss on unseen data): " + "; ".join(shown) + ". "
+                + flattening_sentence(quarters, MULTITASK_LABELS),
                 "",
             ]
+        correlation = specialisation_and_accuracy(final)
+        if correlation:
+            lines += [correlation, ""]
         moe_groups = {name: runs for name, runs in final.items() if any(r.get("routing_over_training") for r in runs)}
         if moe_groups:
             lines += ["![routing over training](multitask_routing_over_training.png)", ""]

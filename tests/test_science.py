@@ -179,6 +179,42 @@ def test_loss_by_quarter_averages_each_quarter_of_training_over_runs(science):
     assert science.loss_by_quarter([{"loss_curve": [[1, 2.0], [2, 1.0]]}]) is None  # too short to tell
 
 
+def test_flattening_sentence_compares_the_last_quarter_with_the_first_three(science):
+    quarters = {"a": [3.0, 2.8, 2.7, 2.65], "b": [3.1, 2.9, 2.8, 2.70], "c": None}
+    sentence = science.flattening_sentence(quarters, {"a": "Method A"})
+    # Falls from the third to the last quarter: a 0.05, b 0.10; over the first three: a 0.30, b 0.30.
+    assert "still fell by 0.050 to 0.100 (the least: Method A), against 0.300 to 0.300" in sentence
+    assert science.flattening_sentence({"c": None}, {}) is None
+
+
+def _routed_run(name, seed, specialisation, macro):
+    return {
+        "spec": {"name": name, "seed": seed},
+        "eval": {"task": {"accuracy": macro}},
+        "routing_over_training": [{"step": 100, "router/specialisation": specialisation}],
+    }
+
+
+def test_specialisation_and_accuracy_correlates_within_methods_only(science):
+    # Method b specialises more and scores higher than method a (a method difference), but within each method the
+    # seed that specialises more scores lower: the pooled within-method correlation is -1, not positive.
+    groups = {
+        "a": [_routed_run("a", s, 0.020 + 0.001 * s, 0.45 - 0.01 * s) for s in range(4)],
+        "b": [_routed_run("b", s, 0.040 + 0.001 * s, 0.55 - 0.01 * s) for s in range(4)],
+    }
+    sentence = science.specialisation_and_accuracy(groups, permutations=20_000)
+    assert "r = -1.00 (8 runs of 2 methods" in sentence
+    p_value = float(re.search(r"permutation p = ([\d.]+)", sentence).group(1))
+    # Only the orderings that reverse both methods' seeds reach |r| = 1: 2 of 4! x 4! = 576 (p = 1/288), by chance.
+    assert p_value == pytest.approx(2 / 576, abs=0.0015)
+    assert "lower accuracy where the routers specialise more" in sentence
+    # Unrelated within methods: no claim.
+    noisy = {"a": [_routed_run("a", s, 0.02 + 0.001 * s, 0.45 + 0.01 * (s in (0, 3))) for s in range(4)]}
+    assert "r = +0.00" in science.specialisation_and_accuracy(noisy, permutations=200)
+    assert "not resolved" in science.specialisation_and_accuracy(noisy, permutations=200)
+    assert science.specialisation_and_accuracy({"a": groups["a"][:1]}) is None  # one run per method: nothing to pool
+
+
 def _fake_result(science, spec, accuracies: dict, similarity=None, loss=(2.0, 1.5)):
     result = {
         "spec": asdict(spec),
@@ -388,8 +424,9 @@ def test_multitask_report_gives_the_grid_the_held_out_table_and_paired_verdicts(
         if run.name == "mt_moelora":
             result["routing_over_training"] = [
                 {"step": s, "router/entropy": 2.0, "router/specialisation": 0.03, "router/specialisation_max": 0.1,
-                 "router/specialisation_chance": 0.01} for s in (0, 50, 100)
+                 "router/specialisation_chance": 0.01, "router/dead_experts": 10.0 + run.seed} for s in (0, 50, 100)
             ]  # fmt: skip
+            result["routing"] = {"per_layer": [{"num_experts": 8}] * 3}
         _write(science, tmp_path, run, result)
     text = science.report(tmp_path).read_text()
     assert "| method | lr 0.0001 | lr 0.0003 | lr 0.001 |" in text
@@ -410,7 +447,9 @@ def test_multitask_report_gives_the_grid_the_held_out_table_and_paired_verdicts(
     interval = re.search(r"question s\.e\. ([\d.]+)\) \| \[([-+][\d.]+), ([-+][\d.]+)\] \|", row)
     question_se, low, high = map(float, interval.groups())
     assert (low, high) == pytest.approx((10 - 2 * question_se, 10 + 2 * question_se), abs=0.11)
-    assert "0.962 ± 0.000 | 0.030 ± 0.000 / 0.100 ± 0.000 (0.010 ± 0.000)" in text
+    assert "0.962 ± 0.000 | 11 ± 1 of 24 | 0.030 ± 0.000 / 0.100 ± 0.000 (0.010 ± 0.000)" in text
+    assert "From the third to the last quarter the loss still fell by 0.250 to 0.250" in text
+    assert "Does specialising more go with accuracy?" not in text  # 3 routed runs: too few to pool (4 at least)
     for name in ("multitask_loss.png", "multitask_lr_loss.png", "multitask_routing_over_training.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
 
