@@ -1351,12 +1351,11 @@ def multitask_section(results: Sequence[dict], out_dir: Path) -> list[str]:
         shown = [f"{MULTITASK_LABELS.get(name, name)} {' / '.join(f'{v:.2f}' for v in values)}"
                  for name, values in quarters.items() if values]  # fmt: skip
         if shown:
-            lines += [
+            flattened = (
                 "Has training flattened? Mean training loss per quarter of the steps (mean over seeds; each step "
-                "sees new examples, so this is close to a loss on unseen data): " + "; ".join(shown) + ". "
-                + flattening_sentence(quarters, MULTITASK_LABELS),
-                "",
-            ]
+                "sees new examples, so this is close to a loss on unseen data): "
+            )
+            lines += [flattened + "; ".join(shown) + ". " + flattening_sentence(quarters, MULTITASK_LABELS), ""]
         correlation = specialisation_and_accuracy(final)
         if correlation:
             lines += [correlation, ""]
