@@ -37,7 +37,8 @@ class _InferenceWeights(NamedTuple):
     key: tuple  # storage and version of the adapter tensors it was built from
     expert_mask: Optional[torch.Tensor]  # the mask it was built with (compared by identity)
     down: torch.Tensor  # (E*r, in) `[A_1; ...; A_E]`, then the E router rows when they share the matmul (`fused`)
-    up: torch.Tensor  # (out, E*r) `[B_1 ... B_E]` times the LoRA scaling
+    up: torch.Tensor  # (out, rows of `down`) `[B_1 ... B_E]` times the LoRA scaling, zero for the router rows
+    gate_expand: torch.Tensor  # (rows of `down`, E) 0/1: which expert's gate scales each row's output; 0 for a router
     rank_total: int  # E*r
     num_experts: int
     top_k: int
@@ -419,10 +420,16 @@ class Linear(nn.Module, MoeLoraLayer):
         options = self.routing_options[adapter_name]
         down = lora_A.flatten(0, 1)
         fused = router is not None and router_fuses(lora_A, router)
-        if fused:
-            down = torch.cat([down, router])
         # The LoRA scaling folded into the up-projection: one multiplication less per call.
         up = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1) * scaling
+        # Gating as one small matmul: `gates @ gate_expand.T` spreads each expert's gate over its r columns of the
+        # down-projection's output (exact: a single nonzero term per column). With the router rows in `down`, their
+        # columns get gate 0 and the up-projection zero columns, so the output needs no split.
+        gate_expand = torch.eye(num_experts, dtype=down.dtype, device=down.device).repeat_interleave(lora_A.shape[1], 0)
+        if fused:
+            down = torch.cat([down, router])
+            gate_expand = torch.cat([gate_expand, gate_expand.new_zeros(num_experts, num_experts)])
+            up = torch.cat([up, up.new_zeros(up.shape[0], num_experts)], dim=1)
         temperature: torch.Tensor | float = options.router_temperature
         if log_temperature is not None:
             temperature = log_temperature.detach().exp()
@@ -431,6 +438,7 @@ class Linear(nn.Module, MoeLoraLayer):
             expert_mask=mask,
             down=down,
             up=up.contiguous(),
+            gate_expand=gate_expand,
             rank_total=lora_A.shape[0] * lora_A.shape[1],
             num_experts=num_experts,
             top_k=self.top_k[adapter_name],
@@ -449,15 +457,13 @@ class Linear(nn.Module, MoeLoraLayer):
         tokens = self._cast_input_dtype(x, weights.down.dtype)
         if weights.num_experts == 1:
             return F.linear(F.linear(tokens, weights.down), weights.up)
-        rank_total = weights.rank_total
+        h = F.linear(tokens, weights.down)  # the experts' inputs, then the router logits where `fused`
         gates = self._shared_routing_of(x, adapter_name, None, inference=True) if weights.shares_router else None
         if gates is None and weights.fused and not torch.is_autocast_enabled(tokens.device.type):
-            h, logits = F.linear(tokens, weights.down).split((rank_total, weights.num_experts), dim=-1)
-        else:  # routed by another layer, no router rows, or autocast (it would run a fused router in half precision)
-            h = F.linear(tokens, weights.down[:rank_total] if weights.fused else weights.down)
-            if gates is None:
-                router, log_temperature = self._router_tensors(adapter_name)
-                logits = router_logits(tokens, router)
+            logits = h[..., weights.rank_total :]
+        elif gates is None:  # no router rows, or autocast (it ran the fused router rows in half precision)
+            router, log_temperature = self._router_tensors(adapter_name)
+            logits = router_logits(tokens, router)
         if gates is None:
             if adapter_name in self.router_owner:  # the temperature is the router owner's
                 temperature, mask = self._temperature_and_mask(logits, adapter_name, log_temperature)
@@ -469,7 +475,7 @@ class Linear(nn.Module, MoeLoraLayer):
             )
             if weights.shares_router:
                 self._share_routing(x, adapter_name, None, gates, inference=True)
-        return inference_expert_up(h, gates, weights.up, weights.num_experts)
+        return inference_expert_up(h, gates, weights.up, weights.gate_expand)
 
     def _router_tensors(self, adapter_name: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """`(router, log_temperature)` of `adapter_name`: this layer's, or those of the layer it shares a router with

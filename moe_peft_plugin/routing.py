@@ -312,10 +312,12 @@ def inference_gates(
     return torch.zeros_like(logits).scatter_(-1, index, weights)
 
 
-def inference_expert_up(h: torch.Tensor, gates: torch.Tensor, up: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """`expert_up` for inference (no autograd), with `up` = `[B_1 ... B_E]` laid out as `(out, E*r)` and the LoRA
-    scaling already folded into it."""
-    if gates.dtype != h.dtype:
-        gates = gates.to(h.dtype)
-    gated = (h.unflatten(-1, (num_experts, -1)) * gates.unsqueeze(-1)).flatten(-2)
-    return F.linear(gated, up)
+def inference_expert_up(
+    h: torch.Tensor, gates: torch.Tensor, up: torch.Tensor, gate_expand: torch.Tensor
+) -> torch.Tensor:
+    """`expert_up` for inference (no autograd) in four operations: `h` `(..., columns)` holds the experts' inputs (and
+    possibly router logits), `gate_expand` `(columns, E)` maps each column to its expert's gate (0 for a router
+    column), `up` `(out, columns)` is `[B_1 ... B_E]` with the LoRA scaling folded in (zero for a router column)."""
+    if gates.dtype != gate_expand.dtype:
+        gates = gates.to(gate_expand.dtype)
+    return F.linear(h * F.linear(gates, gate_expand), up)

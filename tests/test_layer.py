@@ -511,6 +511,43 @@ def test_expert_mask_validation():
     assert layer.expert_mask["default"] is None
 
 
+def _torch_calls(module, x):
+    """The torch functions and tensor methods one eval call of `module` issues (cached decoding's cost on a CPU is their
+    number, not their size)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    with torch.no_grad(), Record():
+        module(x)
+    return [name for name in calls if name not in ("__get__", "data_ptr")]  # attribute reads, not operations
+
+
+def test_cached_decoding_adds_few_torch_calls_to_lora():
+    """Top-2 of 8 experts in decoding: the fused down-projection (expert inputs and router logits), the gates (top-k,
+    softmax, dense scatter), the gates spread over the experts' columns in one small matmul, the up-projection. A guard
+    against operations creeping back (it was 8 more than LoRA before the gate spreading replaced the split and the
+    reshapes)."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    lora = get_peft_model(Tiny(64, 64), LoraConfig(target_modules=["lin"], r=8)).eval()
+    moe = get_peft_model(Tiny(64, 64), MoeLoraConfig(target_modules=["lin"], num_experts=8, top_k=2, init_weights=False))
+    moe.eval()
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        moe.base_model.model.lin(x)  # builds the inference weights once
+    lora_calls = _torch_calls(lora.base_model.model.lin, x)
+    moe_calls = _torch_calls(moe.base_model.model.lin, x)
+    assert lora_calls == ["linear", "linear", "linear", "mul", "add", "to"]
+    assert moe_calls == ["linear", "linear", "__getitem__", "topk", "softmax", "zeros_like", "scatter_", "linear", "mul",
+                         "linear", "add", "to"]  # fmt: skip
+
+
 def test_inference_path_keeps_the_router_in_float32_under_autocast(monkeypatch):
     import moe_peft_plugin.layer as layer_module
 
