@@ -38,7 +38,7 @@ class _InferenceWeights(NamedTuple):
     expert_mask: Optional[torch.Tensor]  # the mask it was built with (compared by identity)
     down: torch.Tensor  # (E*r, in) `[A_1; ...; A_E]`, then the E router rows when they share the matmul (`fused`)
     up: torch.Tensor  # (out, rows of `down`) `[B_1 ... B_E]` times the LoRA scaling, zero for the router rows
-    gate_expand: torch.Tensor  # (rows of `down`, E) 0/1: which expert's gate scales each row's output; 0 for a router
+    gate_expand: torch.Tensor  # (rows of `down`, E) 0/1: the expert whose gate scales a row; 0 for router rows
     rank_total: int  # E*r
     num_experts: int
     top_k: int
@@ -425,7 +425,8 @@ class Linear(nn.Module, MoeLoraLayer):
         # Gating as one small matmul: `gates @ gate_expand.T` spreads each expert's gate over its r columns of the
         # down-projection's output (exact: a single nonzero term per column). With the router rows in `down`, their
         # columns get gate 0 and the up-projection zero columns, so the output needs no split.
-        gate_expand = torch.eye(num_experts, dtype=down.dtype, device=down.device).repeat_interleave(lora_A.shape[1], 0)
+        rank = lora_A.shape[1]
+        gate_expand = torch.eye(num_experts, dtype=down.dtype, device=down.device).repeat_interleave(rank, dim=0)
         if fused:
             down = torch.cat([down, router])
             gate_expand = torch.cat([gate_expand, gate_expand.new_zeros(num_experts, num_experts)])

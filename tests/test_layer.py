@@ -536,8 +536,8 @@ def test_cached_decoding_adds_few_torch_calls_to_lora():
 
     torch.manual_seed(0)
     lora = get_peft_model(Tiny(64, 64), LoraConfig(target_modules=["lin"], r=8)).eval()
-    moe = get_peft_model(Tiny(64, 64), MoeLoraConfig(target_modules=["lin"], num_experts=8, top_k=2, init_weights=False))
-    moe.eval()
+    config = MoeLoraConfig(target_modules=["lin"], num_experts=8, top_k=2, init_weights=False)
+    moe = get_peft_model(Tiny(64, 64), config).eval()
     x = torch.randn(1, 1, 64)
     with torch.no_grad():
         moe.base_model.model.lin(x)  # builds the inference weights once
