@@ -183,7 +183,10 @@ def test_flattening_sentence_compares_the_last_quarter_with_the_first_three(scie
     quarters = {"a": [3.0, 2.8, 2.7, 2.65], "b": [3.1, 2.9, 2.8, 2.70], "c": None}
     sentence = science.flattening_sentence(quarters, {"a": "Method A"})
     # Falls from the third to the last quarter: a 0.05, b 0.10; over the first three: a 0.30, b 0.30.
-    assert "still fell by 0.050 to 0.100 (the least: Method A), against 0.300 to 0.300" in sentence
+    assert "fell by 0.050 to 0.100 (the least: Method A), against 0.300 to 0.300" in sentence
+    assert "have not stopped falling" in sentence
+    flat = science.flattening_sentence({"a": [3.0, 2.8, 2.7, 2.695]}, {})
+    assert "fell by 0.005 to 0.005" in flat and "every curve has flattened" in flat
     assert science.flattening_sentence({"c": None}, {}) is None
 
 
@@ -448,7 +451,7 @@ def test_multitask_report_gives_the_grid_the_held_out_table_and_paired_verdicts(
     question_se, low, high = map(float, interval.groups())
     assert (low, high) == pytest.approx((10 - 2 * question_se, 10 + 2 * question_se), abs=0.11)
     assert "0.962 ± 0.000 | 11 ± 1 of 24 | 0.030 ± 0.000 / 0.100 ± 0.000 (0.010 ± 0.000)" in text
-    assert "From the third to the last quarter the loss still fell by 0.250 to 0.250" in text
+    assert "From the third to the last quarter the loss fell by 0.250 to 0.250" in text
     assert "Does specialising more go with accuracy?" not in text  # 3 routed runs: too few to pool (4 at least)
     for name in ("multitask_loss.png", "multitask_lr_loss.png", "multitask_routing_over_training.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
