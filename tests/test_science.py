@@ -344,6 +344,49 @@ def test_multitask_study_tunes_on_validation_then_runs_seeds_on_held_out_questio
         seen.add(run.run_dir)
 
 
+def test_long_study_runs_the_main_comparison_longer_at_the_chosen_rates_and_reports_it(science, tmp_path):
+    from moe_peft_cli.data import COMMONSENSE_TASKS
+
+    tasks = list(COMMONSENSE_TASKS)
+    assert science.plan(["multitask_long"], seeds=[0, 1], max_steps=1, eval_size=1, out_dir=tmp_path) == []  # no rates
+    for run in science.plan(["multitask"], seeds=[0, 1], max_steps=1, eval_size=1, out_dir=tmp_path):
+        if run.study == "multitask_lr":  # LoRA r=64 best at 3e-4, MoELoRA at 1e-3
+            best = 3e-4 if run.name.startswith("mt_lora_r64") else 1e-3
+            _write(science, tmp_path, run, _fake_result(science, run, {t: 0.5 if run.learning_rate == best else 0.4
+                                                                       for t in tasks}))  # fmt: skip
+    runs = science.plan(["multitask_long"], seeds=[0, 1], max_steps=1, eval_size=1, out_dir=tmp_path)
+    assert [(r.name, r.seed, r.learning_rate) for r in runs] == [
+        (science.long_run_name(name), seed, rate) for seed in (0, 1) for name, rate in (("mt_lora_r64", 3e-4),
+                                                                                          ("mt_moelora", 1e-3))
+    ]  # fmt: skip
+    assert all(r.study == "multitask_long" and r.max_steps == science.LONG_STEPS == 300 for r in runs)
+    assert all(r.mixture and r.eval_split == "eval" and r.eval_size == 400 and not r.adapter_from for r in runs)
+    assert runs[1].router_lr_ratio == 10.0 and runs[1].probe_every == science.MULTITASK_PROBE_EVERY
+    assert runs[1].adapter == science.multitask_methods()["mt_moelora"].adapter
+
+    def correct(rate, n=50):
+        return [1] * int(rate * n) + [0] * (n - int(rate * n))
+
+    # 100-step runs at 0.50 (LoRA) and 0.52 (MoELoRA); 300-step runs 4 points higher each.
+    finals = science.plan(["multitask"], seeds=[0, 1], max_steps=1, eval_size=1, out_dir=tmp_path)
+    for run in [r for r in finals if r.study == "multitask" and r.name in ("mt_lora_r64", "mt_moelora")] + runs:
+        rate = (0.52 if "moelora" in run.name else 0.50) + (0.04 if run.study == "multitask_long" else 0.0)
+        result = _fake_result(science, run, {t: rate for t in tasks})
+        result["loss_curve"] = [[step, 3.0 - 0.001 * step] for step in range(5, run.max_steps + 5, 5)]
+        for task in tasks:
+            result["eval"][task].update(n=50, correct=correct(rate))
+        _write(science, tmp_path, run, result)
+    text = science.report(tmp_path).read_text()
+    section = text.split("## Longer training: the main comparison at 300 steps", 1)[1]
+    assert "| LoRA r=64, 300 steps | 0.0003 | 0,1 | 54.0 ± 0.0 |" in section
+    assert "| MoELoRA 8×r8 top-2 (+contrastive), 300 steps | 0.001 | 0,1 | 56.0 ± 0.0 |" in section
+    assert "| MoE-LoRA beats LoRA at equal trainable parameters, 300 steps |" in section
+    assert "| 300 steps beat 100 for LoRA r=64 | – | +4.0 ± 0.0 (n=2;" in section
+    # Loss 3 - 0.001 * step over 300 steps: it falls 0.075 per quarter, not flat.
+    assert "fell by 0.075 to 0.075" in section and "have not stopped falling" in section
+    assert (tmp_path / "multitask_long_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_a_grid_runs_moelora_adapter_loads_for_its_held_out_scoring(tmp_path):
     """`load_trained` in a fresh process, as `science.py one` runs it: nothing else has registered MOELORA there."""
     import subprocess
