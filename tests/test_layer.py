@@ -543,7 +543,7 @@ def test_cached_decoding_adds_few_torch_calls_to_lora():
         moe.base_model.model.lin(x)  # builds the inference weights once
     lora_calls = _torch_calls(lora.base_model.model.lin, x)
     moe_calls = _torch_calls(moe.base_model.model.lin, x)
-    assert lora_calls == ["linear", "linear", "linear", "mul", "add", "to"]
+    assert len(moe_calls) - len(lora_calls) <= 6, (lora_calls, moe_calls)  # peft's LoRA r=8: 6 calls in peft 0.21
     assert moe_calls == ["linear", "linear", "__getitem__", "topk", "softmax", "zeros_like", "scatter_", "linear", "mul",
                          "linear", "add", "to"]  # fmt: skip
 
