@@ -276,12 +276,23 @@ def chosen_learning_rates(out_dir: Optional[Path], seed: int) -> dict[str, float
     return chosen
 
 
+def mixture_run(name: str, study: str, method: Method, seed: int, learning_rate: float, **fields) -> RunSpec:
+    """A run of `method` trained on the 8-task mixture (the split and padding-free batches of `moe-peft train`); a
+    MOELORA run measures the task specialisation every `MULTITASK_PROBE_EVERY` steps. `fields`: the rest of the spec
+    (steps, what to score)."""
+    from moe_peft_cli.data import COMMONSENSE_TASKS
+
+    tasks = list(COMMONSENSE_TASKS)
+    return RunSpec(name, study, method.kind, seed, tasks, tasks, method.adapter, learning_rate=learning_rate,
+                   max_length=0, mixture=True, router_lr_ratio=method.router_lr_ratio,
+                   probe_every=MULTITASK_PROBE_EVERY if method.kind == "moelora" else 0, **fields)  # fmt: skip
+
+
 def multitask_study(seeds: Sequence[int], out_dir: Optional[Path]) -> list[RunSpec]:
     from moe_peft_cli.data import COMMONSENSE_TASKS, MIXTURE_EVAL_SIZE, MIXTURE_VALIDATION_SIZE
     from moe_peft_cli.train import DEFAULT_MAX_STEPS
 
     tasks = list(COMMONSENSE_TASKS)
-    mixture = dict(train_tasks=tasks, eval_tasks=tasks, max_steps=DEFAULT_MAX_STEPS, max_length=0, mixture=True)
     held_out = dict(eval_size=MIXTURE_EVAL_SIZE, eval_split="eval")
     grid_seed = seeds[0]
     runs: list[RunSpec] = []
@@ -289,10 +300,8 @@ def multitask_study(seeds: Sequence[int], out_dir: Optional[Path]) -> list[RunSp
     for name, method in methods.items():
         if method.lr_from is None:
             runs += [
-                RunSpec(grid_run_name(name, learning_rate), "multitask_lr", method.kind, grid_seed, adapter=method.adapter,
-                        learning_rate=learning_rate, router_lr_ratio=method.router_lr_ratio,
-                        probe_every=MULTITASK_PROBE_EVERY if method.kind == "moelora" else 0,
-                        eval_size=MIXTURE_VALIDATION_SIZE, eval_split="validation", **mixture)
+                mixture_run(grid_run_name(name, learning_rate), "multitask_lr", method, grid_seed, learning_rate,
+                            max_steps=DEFAULT_MAX_STEPS, eval_size=MIXTURE_VALIDATION_SIZE, eval_split="validation")
                 for learning_rate in MULTITASK_LEARNING_RATES
             ]  # fmt: skip
     chosen = chosen_learning_rates(out_dir, grid_seed)
@@ -304,9 +313,8 @@ def multitask_study(seeds: Sequence[int], out_dir: Optional[Path]) -> list[RunSp
         reuse = (
             f"{grid_run_name(name, learning_rate)}-seed{seed}" if method.lr_from is None and seed == grid_seed else ""
         )
-        return RunSpec(name, "multitask", method.kind, seed, adapter=method.adapter, learning_rate=learning_rate,
-                       router_lr_ratio=method.router_lr_ratio, adapter_from=reuse, inputs=[reuse] if reuse else [],
-                       probe_every=MULTITASK_PROBE_EVERY if method.kind == "moelora" else 0, **mixture, **held_out)  # fmt: skip
+        return mixture_run(name, "multitask", method, seed, learning_rate, max_steps=DEFAULT_MAX_STEPS,
+                           adapter_from=reuse, inputs=[reuse] if reuse else [], **held_out)  # fmt: skip
 
     ready = [name for name, method in methods.items() if (method.lr_from or name) in chosen]
     tuned = [name for name in ready if methods[name].lr_from is None]
@@ -332,16 +340,13 @@ def long_run_name(name: str) -> str:
 def multitask_long_study(seeds: Sequence[int], out_dir: Optional[Path]) -> list[RunSpec]:
     """Issue 11's "enough steps": LoRA r=64 and MoELoRA for `LONG_STEPS` steps, seed by seed, once the 100-step grid
     has chosen their rates (planned again by `run_all` as runs finish)."""
-    from moe_peft_cli.data import COMMONSENSE_TASKS, MIXTURE_EVAL_SIZE
+    from moe_peft_cli.data import MIXTURE_EVAL_SIZE
 
-    tasks = list(COMMONSENSE_TASKS)
     chosen = chosen_learning_rates(out_dir, seeds[0])
     methods = multitask_methods()
     return [
-        RunSpec(long_run_name(name), "multitask_long", methods[name].kind, seed, tasks, tasks, methods[name].adapter,
-                learning_rate=chosen[name], max_steps=LONG_STEPS, max_length=0, eval_size=MIXTURE_EVAL_SIZE,
-                mixture=True, eval_split="eval", router_lr_ratio=methods[name].router_lr_ratio,
-                probe_every=MULTITASK_PROBE_EVERY if methods[name].kind == "moelora" else 0)
+        mixture_run(long_run_name(name), "multitask_long", methods[name], seed, chosen[name], max_steps=LONG_STEPS,
+                    eval_size=MIXTURE_EVAL_SIZE, eval_split="eval")
         for seed in seeds
         for name in LONG_METHODS
         if name in chosen
@@ -1323,11 +1328,12 @@ def multitask_long_section(results: Sequence[dict], out_dir: Path) -> list[str]:
         "| method | lr | seeds | macro | " + " | ".join(tasks) + " | train min | loss per quarter of training |",
         "|---" * (len(tasks) + 6) + "|",
     ]
+    quarters_of = {name: loss_by_quarter(runs) for name, runs in long_runs.items()}
     for name in LONG_METHODS:
         runs = long_runs.get(long_run_name(name))
         if not runs:
             continue
-        quarters = loss_by_quarter(runs)
+        quarters = quarters_of[long_run_name(name)]
         lines.append(
             f"| {labels[long_run_name(name)]} | {runs[0]['spec']['learning_rate']} | {_seeds(runs)} | "
             f"{mean_std([_macro(r) for r in runs])} | "
@@ -1346,7 +1352,7 @@ def multitask_long_section(results: Sequence[dict], out_dir: Path) -> list[str]:
     rows = [row for row in rows if row]
     if rows:
         lines += ["", *CLAIMS_HEADER, *rows]
-    flat = flattening_sentence({name: loss_by_quarter(runs) for name, runs in long_runs.items()}, labels)
+    flat = flattening_sentence(quarters_of, labels)
     lines += ["", *([flat, ""] if flat else []), "![training loss, mean over seeds](multitask_long_loss.png)", ""]
     plot_loss_curves(out_dir / "multitask_long_loss.png", results, "multitask_long", labels)
     return lines
