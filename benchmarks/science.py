@@ -53,6 +53,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -190,6 +191,7 @@ def plan(
 
 # The multi-task setting (`moe-peft train`'s default): the 8 commonsense tasks, interleaved.
 MIXTURE_PROBE_PER_TASK = 8  # validation questions per task routed for the specialisation over training
+SPECIALISATION_PROBE_PER_TASK = 32  # validation questions per task routed once after training, per layer
 ROUTER_LR_RATIOS = {"mix_moelora": 1.0, "mix_moelora_router_lr10": 10.0}
 
 
@@ -607,6 +609,24 @@ def routing_measures(model, tokenizer, texts: Sequence[str]) -> dict:
     }
 
 
+def specialisation_by_layer(model, tokenizer, tasks: Sequence[str]) -> dict:
+    """The task specialisation of every adapted layer of the trained model, with its chance level (task labels
+    shuffled), from `SPECIALISATION_PROBE_PER_TASK` validation questions per task (never held-out ones): the
+    per-layer picture that the means over layers logged during training summarise."""
+    from moe_peft_plugin.evaluation import collect_task_routing
+
+    probe = {task: mc_texts(task, "validation", SPECIALISATION_PROBE_PER_TASK) for task in tasks}
+    accumulator = collect_task_routing(model, tokenizer, probe)
+    chance = accumulator.chance_specialisation(num_permutations=5)
+    return {
+        "questions_per_task": SPECIALISATION_PROBE_PER_TASK,
+        "layers": {
+            name: {"specialisation": routing.specialisation, "chance": chance.get(name, float("nan"))}
+            for name, routing in accumulator.results().items()
+        },
+    }
+
+
 def run_one(spec: RunSpec, work_dir: Path, out_dir: Path) -> dict:
     import torch
     from transformers import set_seed
@@ -652,6 +672,8 @@ def run_one(spec: RunSpec, work_dir: Path, out_dir: Path) -> dict:
             else held_out_texts(spec.eval_tasks[0], spec.eval_size)
         )
         result["routing"] = routing_measures(model, tokenizer, texts)
+    if spec.mixture and spec.kind == "moelora":
+        result["specialisation_by_layer"] = specialisation_by_layer(model, tokenizer, spec.train_tasks)
     if spec.mask_experts:
         names = model.peft_config["default"].expert_names
         result["masked"] = {}
@@ -1310,6 +1332,98 @@ def _claim_row(pairs: Sequence[tuple[dict, dict]], claim: str, paper: str, tasks
             f"{seeds_to_resolve(differences, question_se)} |")  # fmt: skip
 
 
+def method_label(name: str) -> str:
+    """How the report names a multi-task method (a 300-step run: its method's label and its length)."""
+    for method in LONG_METHODS:
+        if name == long_run_name(method):
+            return f"{MULTITASK_LABELS[method]}, {LONG_STEPS} steps"
+    return MULTITASK_LABELS.get(name, name)
+
+
+def _decoder_layer(module: str) -> Optional[int]:
+    """The decoder layer index in a module name such as `model.layers.12.self_attn.q_proj` (None if it has none)."""
+    match = re.search(r"\.layers\.(\d+)\.", f".{module}")
+    return int(match.group(1)) if match else None
+
+
+def specialisation_profile(runs: Sequence[dict]) -> tuple[dict[int, float], dict[str, float], float]:
+    """`(by decoder layer, by module type, chance)`: the per-layer task specialisation measured after training
+    (`specialisation_by_layer`), averaged over the modules of each decoder layer / of each type and over the runs;
+    the chance level averaged over everything."""
+    by_layer: dict[int, list[float]] = {}
+    by_type: dict[str, list[float]] = {}
+    chance: list[float] = []
+    for run in runs:
+        for module, row in run["specialisation_by_layer"]["layers"].items():
+            if not math.isfinite(row["specialisation"]):
+                continue
+            layer = _decoder_layer(module)
+            if layer is not None:
+                by_layer.setdefault(layer, []).append(row["specialisation"])
+            by_type.setdefault(module.rsplit(".", 1)[-1], []).append(row["specialisation"])
+            if math.isfinite(row["chance"]):
+                chance.append(row["chance"])
+    mean = {key: float(np.mean(values)) for key, values in sorted(by_layer.items())}
+    return mean, {key: float(np.mean(values)) for key, values in by_type.items()}, float(np.mean(chance))
+
+
+def specialisation_by_layer_section(results: Sequence[dict], out_dir: Path) -> list[str]:
+    """Where in the network the routers specialise by task, per method: the per-layer measurement after training of
+    every run that has it (a table by module type and a figure by decoder layer)."""
+    groups: dict[str, list[dict]] = {}
+    for run in results:
+        if "specialisation_by_layer" in run:
+            groups.setdefault(run["spec"]["name"], []).append(run)
+    if not groups:
+        return []
+    profiles = {name: specialisation_profile(runs) for name, runs in groups.items()}
+    types = list(dict.fromkeys(t for _, by_type, _ in profiles.values() for t in by_type))
+    questions = next(iter(groups.values()))[0]["specialisation_by_layer"]["questions_per_task"]
+    lines = [
+        "## Task specialisation per layer, after training",
+        "",
+        f"Each trained MoELoRA adapter routes {questions} validation questions per task (never held-out ones) once "
+        "after training; the task specialisation of every adapted layer (normalised mutual information between task and "
+        "expert choice; 0: every task routes alike) against its chance level (task labels shuffled), averaged over "
+        "seeds and over the modules of each type:",
+        "",
+        "| method | seeds | " + " | ".join(types) + " | all layers | chance | most specialised decoder layer |",
+        "|---" * (len(types) + 5) + "|",
+    ]
+    for name, runs in groups.items():
+        by_layer, by_type, chance = profiles[name]
+        top = max(by_layer, key=by_layer.get) if by_layer else None
+        lines.append(
+            f"| {method_label(name)} | {_seeds(runs)} | " + " | ".join(
+                f"{by_type[t]:.3f}" if t in by_type else "–" for t in types)
+            + f" | {np.mean(list(by_type.values())):.3f} | {chance:.3f} | "
+            + (f"{top} ({by_layer[top]:.3f})" if top is not None else "–") + " |"
+        )  # fmt: skip
+    lines += ["", "![task specialisation by decoder layer](specialisation_by_layer.png)", ""]
+    plot_specialisation_by_layer(out_dir / "specialisation_by_layer.png", profiles)
+    return lines
+
+
+def plot_specialisation_by_layer(path: Path, profiles: Mapping[str, tuple]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.6), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for number, (name, (by_layer, _, chance)) in enumerate(profiles.items()):
+        axes.plot(list(by_layer), list(by_layer.values()), color=f"C{number}", marker="o", markersize=3,
+                  label=method_label(name))  # fmt: skip
+        axes.axhline(chance, color=f"C{number}", linestyle=":", linewidth=1)
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel("task specialisation (mean over modules)")
+    axes.set_title("dotted: chance level (shuffled tasks)", fontsize=8)
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
 def multitask_long_section(results: Sequence[dict], out_dir: Path) -> list[str]:
     """The main comparison trained `LONG_STEPS` steps: held-out accuracy, MoELoRA vs LoRA r=64 again, what the longer
     training bought each method (paired with its 100-step run of the same seed), and whether the curves flatten."""
@@ -1318,7 +1432,7 @@ def multitask_long_section(results: Sequence[dict], out_dir: Path) -> list[str]:
         return []
     short = _group(results, "multitask")
     tasks = list(next(iter(long_runs.values()))[0]["eval"])
-    labels = {long_run_name(name): f"{MULTITASK_LABELS[name]}, {LONG_STEPS} steps" for name in LONG_METHODS}
+    labels = {long_run_name(name): method_label(long_run_name(name)) for name in LONG_METHODS}
     lines = [
         f"## Longer training: the main comparison at {LONG_STEPS} steps",
         "",
@@ -1596,6 +1710,7 @@ def report(out_dir: Path) -> Path:
         ]
     lines += multitask_section(results, out_dir)
     lines += multitask_long_section(results, out_dir)
+    lines += specialisation_by_layer_section(results, out_dir)
     lines += router_section(results, out_dir)
     claims = claims_table(results)
     if claims:

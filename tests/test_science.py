@@ -123,6 +123,27 @@ def test_routing_measures_cover_every_layer_on_real_tokens_only(science):
     assert measures["similarity"] == pytest.approx(np.mean([r["similarity"] for r in measures["per_layer"]]))
 
 
+def test_specialisation_by_layer_routes_validation_questions_of_every_task_through_every_layer(science, monkeypatch):
+    model, tokenizer = build_tiny_llama()
+    config = MoeLoraConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"], init_weights=False)
+    model = get_peft_model(model, config).eval()
+    asked = []
+    texts = {"cats": ["the cat sat on the mat", "a cat and a mat"], "experts": ["mixture of experts", "experts route"]}
+
+    def mc_texts(task, split, count):
+        asked.append((task, split, count))
+        return texts[task]
+
+    monkeypatch.setattr(science, "mc_texts", mc_texts)
+    measured = science.specialisation_by_layer(model, tokenizer, ["cats", "experts"])
+    assert asked == [(task, "validation", science.SPECIALISATION_PROBE_PER_TASK) for task in ("cats", "experts")]
+    assert measured["questions_per_task"] == science.SPECIALISATION_PROBE_PER_TASK
+    layers = {name for name, m in model.base_model.model.named_modules() if isinstance(m, MoeLoraLayer)}
+    assert set(measured["layers"]) == layers
+    for row in measured["layers"].values():
+        assert 0.0 <= row["specialisation"] <= 1.0 and 0.0 <= row["chance"] <= 1.0
+
+
 def test_verdict_needs_two_standard_errors(science):
     assert science.verdict([0.05, 0.06, 0.04]) == "agrees"
     assert science.verdict([-0.05, -0.06, -0.04]) == "disagrees"
@@ -375,8 +396,20 @@ def test_long_study_runs_the_main_comparison_longer_at_the_chosen_rates_and_repo
         result["loss_curve"] = [[step, 3.0 - 0.001 * step] for step in range(5, run.max_steps + 5, 5)]
         for task in tasks:
             result["eval"][task].update(n=50, correct=correct(rate))
+        if "moelora" in run.name:  # layers 0 and 1; q more specialised than v; seed 1 twice seed 0
+            scale = 1 + run.seed
+            result["specialisation_by_layer"] = {"questions_per_task": 32, "layers": {
+                f"model.layers.{layer}.self_attn.{module}": {"specialisation": scale * value, "chance": 0.01}
+                for layer, module, value in ((0, "q_proj", 0.02), (0, "v_proj", 0.01), (1, "q_proj", 0.06),
+                                             (1, "v_proj", 0.03))}}  # fmt: skip
         _write(science, tmp_path, run, result)
     text = science.report(tmp_path).read_text()
+    by_layer = text.split("## Task specialisation per layer, after training", 1)[1]
+    # Means over seeds (x1.5): q 0.06, v 0.03, all 0.045; layer 1 (0.0675) above layer 0 (0.0225).
+    assert "| method | seeds | q_proj | v_proj | all layers | chance | most specialised decoder layer |" in by_layer
+    assert "| MoELoRA 8×r8 top-2 (+contrastive) | 0,1 | 0.060 | 0.030 | 0.045 | 0.010 | 1 (0.068) |" in by_layer
+    assert "| MoELoRA 8×r8 top-2 (+contrastive), 300 steps | 0,1 | 0.060 |" in by_layer
+    assert (tmp_path / "specialisation_by_layer.png").read_bytes()[:4] == b"\x89PNG"
     section = text.split("## Longer training: the main comparison at 300 steps", 1)[1]
     assert "| LoRA r=64, 300 steps | 0.0003 | 0,1 | 54.0 ± 0.0 |" in section
     assert "| MoELoRA 8×r8 top-2 (+contrastive), 300 steps | 0.001 | 0,1 | 56.0 ± 0.0 |" in section
