@@ -34,7 +34,7 @@ from .state import ForwardContext, RoutingState, RoutingStats, inject_router_los
 class _InferenceWeights(NamedTuple):
     """One adapter of one layer, prepared for inference (`MoeLoraLayer._inference_weights`)."""
 
-    key: tuple  # storage and version of the adapter tensors it was built from
+    key: Optional[tuple]  # storage and version of the adapter tensors it was built from (None: built under compile)
     expert_mask: Optional[torch.Tensor]  # the mask it was built with (compared by identity)
     down: torch.Tensor  # (E*r, in) `[A_1; ...; A_E]`, then the E router rows when they share the matmul (`fused`)
     up: torch.Tensor  # (out, rows of `down`) `[B_1 ... B_E]` times the LoRA scaling, zero for the router rows
@@ -402,20 +402,27 @@ class Linear(nn.Module, MoeLoraLayer):
         token; rebuilt whenever a tensor is replaced or modified in place (its storage or autograd version changes) or
         the expert mask changes, and dropped by `train()`. Writes through `param.data` bypass version counting (as they
         bypass autograd): call `train()`/`eval()` after them.
+
+        Under `torch.compile` (e.g. `generate` with a static cache and a compiled forward) nothing is cached: dynamo
+        cannot compare data pointers, so the check would break the graph in every layer; the preparation is traced
+        into the graph instead, from the parameters as they are at each call.
         """
         lora_A, lora_B = self.moelora_A[adapter_name], self.moelora_B[adapter_name]
         # None with a single expert, and in a layer that uses a shared router (it mostly reuses the routing).
         router = self.moelora_router.get(adapter_name)
         log_temperature = self.moelora_log_temperature.get(adapter_name)
-        key = (lora_A.data_ptr(), lora_A._version, lora_B.data_ptr(), lora_B._version, lora_A.dtype, lora_A.device)
-        if router is not None:
-            key += (router.data_ptr(), router._version)
-        if log_temperature is not None:
-            key += (log_temperature.data_ptr(), log_temperature._version)
         mask = self.expert_mask[adapter_name]
-        cached = self._inference_cache.get(adapter_name)
-        if cached is not None and cached.key == key and cached.expert_mask is mask:
-            return cached
+        compiling = torch.compiler.is_compiling()
+        key = None
+        if not compiling:
+            key = (lora_A.data_ptr(), lora_A._version, lora_B.data_ptr(), lora_B._version, lora_A.dtype, lora_A.device)
+            if router is not None:
+                key += (router.data_ptr(), router._version)
+            if log_temperature is not None:
+                key += (log_temperature.data_ptr(), log_temperature._version)
+            cached = self._inference_cache.get(adapter_name)
+            if cached is not None and cached.key == key and cached.expert_mask is mask:
+                return cached
         num_experts, scaling = self.num_experts[adapter_name], self.scaling[adapter_name]
         options = self.routing_options[adapter_name]
         down = lora_A.flatten(0, 1)
@@ -434,7 +441,7 @@ class Linear(nn.Module, MoeLoraLayer):
         temperature: torch.Tensor | float = options.router_temperature
         if log_temperature is not None:
             temperature = log_temperature.detach().exp()
-        cached = self._inference_cache[adapter_name] = _InferenceWeights(
+        prepared = _InferenceWeights(
             key=key,
             expert_mask=mask,
             down=down,
@@ -448,7 +455,9 @@ class Linear(nn.Module, MoeLoraLayer):
             fused=fused,
             shares_router=self._router_users.get(adapter_name, 1) > 1 or adapter_name in self.router_owner,
         )
-        return cached
+        if not compiling:
+            self._inference_cache[adapter_name] = prepared
+        return prepared
 
     def _inference_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter's output `(*batch, out)` for the layer input `x` `(*batch, in)` in eval mode without autograd or

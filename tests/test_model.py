@@ -320,6 +320,40 @@ def test_torch_compile_traces_one_graph_and_matches_eager_forward_and_backward(e
     assert all(compiled_grads[n].abs().sum() > 0 for n in compiled_grads if "router" in n)
 
 
+@pytest.mark.parametrize("extra", [{}, {"router_sharing": True, "target_modules": "all-linear"}], ids=["", "sharing"])
+def test_torch_compile_traces_cached_decoding_as_one_graph_that_reads_the_current_weights(extra):
+    """`generate` with a static cache compiles the decoding forward (transformers' `compile_config`). Once eager
+    decoding has prepared and cached the layers' inference weights, the compiled decoding step must still trace as one
+    graph (the cache check compared data pointers, which dynamo cannot trace: a graph break in every layer), give the
+    eager logits, and use the parameters as they are at each call (nothing stale after an in-place update)."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    model, tokenizer = _peft_model(dict(num_experts=4, top_k=2, **extra))
+    model.eval()
+    wrapped = model.base_model.model
+    cache_key = "cache" if "cache" in inspect.signature(type(wrapped).forward).parameters else "past_key_values"
+    ids = batch(tokenizer)["input_ids"][1:]
+    layers = [m for m in model.modules() if hasattr(m, "_inference_cache")]
+
+    def step(cache):
+        return model(input_ids=ids[:, -1:], use_cache=True, **{cache_key: cache}).logits
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        cache = DynamicCache()
+        model(input_ids=ids[:, :-1], use_cache=True, **{cache_key: cache})  # eager decoding: weights prepared
+        assert all(layer._inference_cache for layer in layers)
+        expected = step(copy.deepcopy(cache))
+        torch.testing.assert_close(compiled(copy.deepcopy(cache)), expected)
+        for layer in layers:
+            layer.moelora_B["default"].mul_(3.0)
+        updated = step(copy.deepcopy(cache))
+        assert not torch.allclose(updated, expected)
+        torch.testing.assert_close(compiled(copy.deepcopy(cache)), updated)
+
+
 def test_torch_compile_compiles_once_over_training_steps():
     """Steps after the first reuse the compiled graph: no Python state of the routing context is guarded on."""
     from torch._dynamo.testing import CompileCounterWithBackend
