@@ -366,6 +366,8 @@ def environment() -> dict:
     import transformers
     import trl
 
+    from moe_peft_cli.models import native_bfloat16
+
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -389,6 +391,10 @@ def environment() -> dict:
         "peft": peft.__version__,
         "trl": trl.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # The recipe's bfloat16 base runs ~10x slower on a CPU without bfloat16 kernels (AVX2 only): train minutes
+        # compare only between runs on the same kind of CPU.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bfloat16": native_bfloat16("cuda" if torch.cuda.is_available() else "cpu"),
     }
 
 
@@ -718,7 +724,18 @@ def run_all(args) -> int:
     other runs' results, and they must take their place in the priority order at once rather than after everything
     that was planned before them.
     """
+    import torch
+
+    from moe_peft_cli.models import native_bfloat16
+
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    if not torch.cuda.is_available() and not native_bfloat16("cpu"):
+        print(
+            f"WARNING: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bfloat16 kernels: the runs' bfloat16 "
+            "base model trains ~10x slower than on an AVX-512 CPU, and their train minutes do not compare with runs "
+            "made on one (each result.json records the CPU's capability).",
+            flush=True,
+        )
     failed: set[str] = set()
     pending: dict = {}
     announced = None

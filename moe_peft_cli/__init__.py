@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_model_arguments(parser) -> None:
     parser.add_argument("--base_model", default=None,
                         help="base model folder or hub id (default: the adapter's base model, or the embedded SmolLM2)")  # fmt: skip
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                        help="base model dtype (default: bfloat16 where the device runs it natively, else float32)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
 

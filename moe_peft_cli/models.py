@@ -32,13 +32,32 @@ def check_device(device: str) -> str:
     return device
 
 
-def load_base(name_or_path: Optional[str], dtype: str = "bfloat16", device: str = "cpu"):
-    """(model, tokenizer) in eval mode; the tokenizer pads on the right and has a pad token."""
+def native_bfloat16(device: str) -> bool:
+    """Whether `device` runs bfloat16 matmuls natively: a CUDA GPU with bfloat16 support, or a CPU for which oneDNN has
+    bfloat16 kernels (AVX-512 or AMX). Elsewhere, e.g. on a CPU with AVX2 only, a bfloat16 matmul is emulated: 8x slower
+    than float32 on such a CPU here (docs/benchmarks.md), where it is ~2x faster than float32 on an AVX-512 one."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported()) if supported is not None else False
+
+
+def default_dtype(device: str) -> str:
+    """The base-model dtype when `--dtype` is left out: bfloat16 where `device` runs it natively, else float32."""
+    return "bfloat16" if native_bfloat16(device) else "float32"
+
+
+def load_base(name_or_path: Optional[str], dtype: Optional[str] = None, device: str = "cpu"):
+    """(model, tokenizer) in eval mode; the tokenizer pads on the right and has a pad token. `dtype` None: the
+    [`default_dtype`] of `device`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
     device = check_device(device)
+    dtype = dtype or default_dtype(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from .data import BENCHMARKS, COMMONSENSE_TASKS, log
 from .errors import UserError
-from .models import RUN_FILE
+from .models import RUN_FILE, default_dtype
 
 
 # The embedded default: the 8 commonsense tasks at once, ~15 minutes of training and ~9 of evaluation on 2 CPU cores
@@ -37,7 +37,6 @@ SINGLE_TASK_EVAL_SIZE = 200
 SPECIALISATION_PROBE_PER_TASK = 8  # validation questions per task routed every `SPECIALISATION_EVERY` steps
 SPECIALISATION_EVERY = 30
 EMBEDDED_DEFAULTS: dict[str, object] = {
-    "dtype": "bfloat16",
     "lora_r": 8,
     "lora_alpha": 16,
     "lora_target_modules": ["all-linear"],
@@ -187,9 +186,12 @@ def train_defaults(options, given: Mapping[str, Any]) -> dict[str, object]:
         # cost what their tokens cost (2.4x faster than padded batches of the mixture here), and with `use_cache=False`
         # transformers masks every packed question from the others (sdpa and eager alike; the loss is unchanged).
         defaults.update(padding_free=True, max_length=None)
+    # The base model in bfloat16 where the device runs it natively (what makes CPU training fast on an AVX-512 CPU),
+    # else float32: on a CPU with AVX2 only, bfloat16 matmuls are emulated, 8x slower than float32.
+    defaults["dtype"] = default_dtype("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         # TRL turns bf16 autocast on by default, which needs `--use_cpu` on CPU; the model itself is loaded in
-        # bfloat16 (`--dtype`), which is what makes CPU training fast.
+        # `--dtype` (above).
         defaults["bf16"] = False
     defaults.update(RECIPES[options.recipe])
     if options.recipe == "mole" and not given.get("expert_adapters"):

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from moe_peft_cli import data as cli_data
 from moe_peft_cli import main
+from moe_peft_cli import models as cli_models
 from moe_peft_cli import train as cli_train
 from moe_peft_cli.errors import PLUGIN_NOT_IMPORTED, UserError, explain
 from moe_peft_plugin import MoeLoraConfig
@@ -534,6 +535,26 @@ def test_train_fills_only_the_defaults_the_user_did_not_set(tmp_path, capsys):
     with open(output_dir / cli_train.LOSS_CURVE, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "loss and routing curves:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_the_base_model_dtype_defaults_to_bfloat16_only_where_it_runs_natively(tmp_path, monkeypatch, native):
+    """On a CPU with AVX2 only, bfloat16 matmuls are emulated (8x slower than float32 on such a machine here): the
+    default `--dtype` is float32 there, bfloat16 where the device has bfloat16 kernels; a given `--dtype` is kept."""
+    monkeypatch.setattr(cli_models, "native_bfloat16", lambda device: native)
+    for argv, expected in (([], "bfloat16" if native else "float32"), (["--dtype", "bfloat16"], "bfloat16")):
+        seen = {}
+        output_dir = tmp_path / f"run{len(argv)}"
+        status = main(["train", "--model_name_or_path", "my/model", "--dataset_name", "my/data", "--max_steps", "2",
+                       "--output_dir", str(output_dir), *argv], train_fn=_fake_trainer(output_dir, seen))  # fmt: skip
+        assert status == 0 and seen["model"].dtype == expected
+    assert cli_models.default_dtype("cpu") == ("bfloat16" if native else "float32")
+
+
+def test_native_bfloat16_follows_the_cpu_kernels_torch_has():
+    assert cli_models.native_bfloat16("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not torch.cuda.is_available():
+        assert cli_models.native_bfloat16("cuda") is False
 
 
 def test_precedence_embedded_defaults_recipe_yaml_command_line(tmp_path):
