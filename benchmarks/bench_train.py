@@ -35,6 +35,8 @@ Usage (2 CPU cores; PASSIVE stops idle OpenMP threads from spinning between the 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py --skip-train --skip-4bit   # generation only, ~2 min
     python benchmarks/bench_train.py --device cuda --batch 8 --seq 1024         # on a GPU
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py --quick --torch-compile --skip-4bit   # + compiled steps
+    python benchmarks/bench_train.py --models llama-d1024 --skip-train --skip-4bit --compiled-generation
+                                                     # + generation with a static cache and a compiled forward
     python benchmarks/bench_train.py --models smollm2-135m --packed --batch 8 --seq 86 --skip-generation --skip-4bit
                                                      # the main job's padding-free batches: 8 sequences in one row
 
@@ -523,6 +525,9 @@ def bench_model(label: str, base: nn.Module, source: str, args, dtype, device, p
         gen_report, gen_failures = bench_generation(label, gen_models, vocab, args, device, problems)
         report["generation"] = gen_report
         failures += gen_failures
+        if args.compiled_generation:
+            report["compiled_generation"], _ = bench_generation(label, gen_models, vocab, args, device, problems,
+                                                                compiled=True)  # fmt: skip
     del runners
     gc.collect()
     return report, failures
@@ -579,22 +584,52 @@ def print_compiled_table(label: str, cases: list[Case], results: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def bench_generation(label: str, models: dict, vocab: int, args, device, problems) -> tuple[dict, list[str]]:
+def compiled_generation_kwargs(device: torch.device) -> dict:
+    """`generate` arguments for a static KV cache with the decoding forward compiled by transformers (its
+    `compile_config`, which it applies to CUDA and a few other devices by itself and here to the CPU as well)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = device.type == "cpu"
+    # Every model is its own module behind the same `forward` code: dynamo compiles once per model, so its recompile
+    # limit (8) would silently leave the later models eager. Raised, and made an error.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return dict(cache_implementation="static", compile_config=config)
+
+
+def bench_generation(
+    label: str, models: dict, vocab: int, args, device, problems, compiled: bool = False
+) -> tuple[dict, list[str]]:
+    """Greedy generation with KV cache, batch 1, tokens/s of every model against LoRA r=8, interleaved rounds.
+
+    `compiled`: a static cache and the decoding forward compiled (`compiled_generation_kwargs`); the first call of each
+    model, which compiles, is not timed. No target applies to it (the issue's target is for eager decoding)."""
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, vocab, (1, args.gen_prompt), generator=generator).to(device)
     mask = torch.ones_like(prompt)
     n = args.gen_tokens
     # min_new_tokens: every config generates exactly n tokens, whatever the (random) model predicts.
     kwargs = dict(do_sample=False, use_cache=True, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    if compiled:
+        kwargs.update(compiled_generation_kwargs(device))
     for model in models.values():
         model.eval()
     samples = {name: [] for name in models}
-    progress(f"{label}: generation, {args.gen_rounds} rounds of {len(models)} models")
+    kind = "compiled generation" if compiled else "generation"
+    progress(f"{label}: {kind}, {args.gen_rounds} rounds of {len(models)} models")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for model in models.values():
-                model.generate(input_ids=prompt, attention_mask=mask, **{**kwargs, "max_new_tokens": 2})
+            for name, model in models.items():
+                started = time.perf_counter()
+                # A static cache is sized for the whole generation: warm up (and compile) at the timed length.
+                model.generate(
+                    input_ids=prompt, attention_mask=mask, **{**kwargs, "max_new_tokens": n if compiled else 2}
+                )
+                if compiled:
+                    progress(f"{label}: {name} compiled and generated once in {time.perf_counter() - started:.0f} s")
             names = list(models)
             for round_index in range(args.gen_rounds):
                 shift = round_index % len(names)
@@ -610,8 +645,9 @@ def bench_generation(label: str, models: dict, vocab: int, args, device, problem
         for model in models.values():
             model.train()
 
+    cache = "static KV cache, decoding forward compiled" if compiled else "KV cache"
     print(
-        f"\n-- {label}: generation, greedy with KV cache, batch 1, prompt {args.gen_prompt} + {n} new tokens, "
+        f"\n-- {label}: {kind}, greedy with {cache}, batch 1, prompt {args.gen_prompt} + {n} new tokens, "
         f"median of {args.gen_rounds} --"
     )
     header = f"{'model':28s} {'tokens/s':>9s} {'iqr%':>5s} {'vs LoRA r8':>12s}"
@@ -620,7 +656,7 @@ def bench_generation(label: str, models: dict, vocab: int, args, device, problem
     report, failures = {}, []
     for name, times in samples.items():
         ratio = median_ratio(samples[R8], times)  # tokens/s ratio
-        target = GENERATION_VS_LORA_R8 if name == MOE else None
+        target = GENERATION_VS_LORA_R8 if name == MOE and not compiled else None
         report[name] = {"seconds": times, "tokens_per_s": n / statistics.median(times), "vs_lora_r8": ratio}
         if target is not None and ratio < target:
             failures.append(f"{label} generation {name}: {ratio:.2f}x LoRA r=8 tokens/s < {target}")
@@ -705,6 +741,13 @@ def bench_4bit(args, dtype, device, problems) -> Optional[dict]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def cpu_kernels() -> str:
+    """The CPU's vector capability as torch dispatches on it, and whether oneDNN has bfloat16 kernels for it: without
+    them (AVX2 only) a bfloat16 base model runs ~8x slower than float32, so bf16 timings do not compare across CPUs."""
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return f"{torch.backends.cpu.get_cpu_capability()}, bfloat16 kernels: {'yes' if native else 'no'}"
+
+
 def environment(device: torch.device) -> dict:
     versions = {}
     for package in ("torch", "transformers", "peft", "bitsandbytes", "moe-peft-plugin"):
@@ -721,7 +764,9 @@ def environment(device: torch.device) -> dict:
     return {
         "versions": versions,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {processor}",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu: {processor} ({cpu_kernels()})",
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -757,6 +802,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--torch-compile",
         action="store_true",
         help="also time every config through torch.compile(model), interleaved with the eager steps (its own table)",
+    )
+    parser.add_argument(
+        "--compiled-generation",
+        action="store_true",
+        help="also time generation with a static KV cache and the decoding forward compiled by transformers "
+        "(`compile_config`, forced on CPU), every model alike (its own table, ratios only)",
     )
     parser.add_argument("--json", metavar="PATH", help="write all numbers and the environment to PATH")
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ class _InferenceWeights(NamedTuple):
     """One adapter of one layer, prepared for inference (`MoeLoraLayer._inference_weights`)."""
 
     key: Optional[tuple]  # storage and version of the adapter tensors it was built from (None: built under compile)
+    sources: tuple  # (A, B, router, log temperature) it was built from: the parameter objects, compared by identity
     expert_mask: Optional[torch.Tensor]  # the mask it was built with (compared by identity)
     down: torch.Tensor  # (E*r, in) `[A_1; ...; A_E]`, then the E router rows when they share the matmul (`fused`)
     up: torch.Tensor  # (out, rows of `down`) `[B_1 ... B_E]` times the LoRA scaling, zero for the router rows
@@ -403,9 +404,13 @@ class Linear(nn.Module, MoeLoraLayer):
         the expert mask changes, and dropped by `train()`. Writes through `param.data` bypass version counting (as they
         bypass autograd): call `train()`/`eval()` after them.
 
-        Under `torch.compile` (e.g. `generate` with a static cache and a compiled forward) nothing is cached: dynamo
-        cannot compare data pointers, so the check would break the graph in every layer; the preparation is traced
-        into the graph instead, from the parameters as they are at each call.
+        Under `torch.compile` (e.g. `generate` with a static cache and a compiled forward) dynamo cannot compare data
+        pointers or version counters (the check would break the graph in every layer), so a compiled forward takes the
+        prepared weights as the last eager call validated them, provided they were built from these very parameter
+        objects, and otherwise prepares them inside the graph (from the parameters as they are at that call) without
+        caching them. `generate` runs its prefill eagerly, so every call revalidates the cache before its compiled
+        decoding steps; a compiled forward called directly sees in-place changes made in eval mode only after an eager
+        forward or `train()`/`eval()`.
         """
         lora_A, lora_B = self.moelora_A[adapter_name], self.moelora_B[adapter_name]
         # None with a single expert, and in a layer that uses a shared router (it mostly reuses the routing).
@@ -414,7 +419,18 @@ class Linear(nn.Module, MoeLoraLayer):
         mask = self.expert_mask[adapter_name]
         compiling = torch.compiler.is_compiling()
         key = None
-        if not compiling:
+        if compiling:
+            cached = self._inference_cache.get(adapter_name)
+            if (
+                cached is not None
+                and cached.sources[0] is lora_A
+                and cached.sources[1] is lora_B
+                and cached.sources[2] is router
+                and cached.sources[3] is log_temperature
+                and cached.expert_mask is mask
+            ):
+                return cached
+        else:
             key = (lora_A.data_ptr(), lora_A._version, lora_B.data_ptr(), lora_B._version, lora_A.dtype, lora_A.device)
             if router is not None:
                 key += (router.data_ptr(), router._version)
@@ -443,6 +459,7 @@ class Linear(nn.Module, MoeLoraLayer):
             temperature = log_temperature.detach().exp()
         prepared = _InferenceWeights(
             key=key,
+            sources=(lora_A, lora_B, router, log_temperature),
             expert_mask=mask,
             down=down,
             up=up.contiguous(),

@@ -324,8 +324,9 @@ def test_torch_compile_traces_one_graph_and_matches_eager_forward_and_backward(e
 def test_torch_compile_traces_cached_decoding_as_one_graph_that_reads_the_current_weights(extra):
     """`generate` with a static cache compiles the decoding forward (transformers' `compile_config`). Once eager
     decoding has prepared and cached the layers' inference weights, the compiled decoding step must still trace as one
-    graph (the cache check compared data pointers, which dynamo cannot trace: a graph break in every layer), give the
-    eager logits, and use the parameters as they are at each call (nothing stale after an in-place update)."""
+    graph (the cache check compared data pointers, which dynamo cannot trace: a graph break in every layer) and give
+    the eager logits; after an in-place update, the next eager forward (as `generate`'s prefill) revalidates what the
+    compiled steps use; with nothing cached (after `eval()`), the compiled step prepares the weights itself."""
     import inspect
 
     from transformers import DynamicCache
@@ -349,9 +350,13 @@ def test_torch_compile_traces_cached_decoding_as_one_graph_that_reads_the_curren
         torch.testing.assert_close(compiled(copy.deepcopy(cache)), expected)
         for layer in layers:
             layer.moelora_B["default"].mul_(3.0)
-        updated = step(copy.deepcopy(cache))
+        updated = step(copy.deepcopy(cache))  # eager: sees the new version and prepares the weights again
         assert not torch.allclose(updated, expected)
         torch.testing.assert_close(compiled(copy.deepcopy(cache)), updated)
+        model.eval()  # drops the prepared weights
+        assert not any(layer._inference_cache for layer in layers)
+        torch.testing.assert_close(compiled(copy.deepcopy(cache)), updated)
+        assert not any(layer._inference_cache for layer in layers)  # prepared inside the graph, not cached
 
 
 def test_torch_compile_compiles_once_over_training_steps():
