@@ -237,13 +237,17 @@ def make_runner(case: Case, base: nn.Module, copy_base: bool = True, torch_compi
     params = [p for p in model.parameters() if p.requires_grad]
     runner = Runner(case, model, torch.optim.AdamW(params, lr=1e-4), base_bytes)
     if torch_compile:
-        # Every config is its own model behind the same `forward` code: dynamo compiles once per model (and per
-        # shape), so its recompile limit (8) would silently leave the later configs eager. Raised, and made an error.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
+        allow_a_compile_per_model()
         runner.compiled = torch.compile(model)
     return runner
+
+
+def allow_a_compile_per_model() -> None:
+    """Every config is its own model behind the same `forward` code: dynamo compiles once per model (and per shape),
+    so its recompile limit (8) would silently leave the later configs eager. Raised, and made an error."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 def training_batch(vocab: int, args, device: torch.device) -> dict:
@@ -591,11 +595,7 @@ def compiled_generation_kwargs(device: torch.device) -> dict:
 
     config = CompileConfig()
     config._compile_all_devices = device.type == "cpu"
-    # Every model is its own module behind the same `forward` code: dynamo compiles once per model, so its recompile
-    # limit (8) would silently leave the later models eager. Raised, and made an error.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    allow_a_compile_per_model()
     return dict(cache_implementation="static", compile_config=config)
 
 
@@ -742,9 +742,11 @@ def bench_4bit(args, dtype, device, problems) -> Optional[dict]:
 
 
 def cpu_kernels() -> str:
-    """The CPU's vector capability as torch dispatches on it, and whether oneDNN has bfloat16 kernels for it: without
-    them (AVX2 only) a bfloat16 base model runs ~8x slower than float32, so bf16 timings do not compare across CPUs."""
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """The CPU's vector capability as torch dispatches on it, and whether it has bfloat16 kernels: without them (AVX2
+    only) a bfloat16 base model runs ~8x slower than float32, so bf16 timings do not compare across CPUs."""
+    from moe_peft_cli.models import native_bfloat16
+
+    native = native_bfloat16("cpu")
     return f"{torch.backends.cpu.get_cpu_capability()}, bfloat16 kernels: {'yes' if native else 'no'}"
 
 

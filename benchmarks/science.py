@@ -53,7 +53,6 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -1357,16 +1356,12 @@ def method_label(name: str) -> str:
     return MULTITASK_LABELS.get(name, name)
 
 
-def _decoder_layer(module: str) -> Optional[int]:
-    """The decoder layer index in a module name such as `model.layers.12.self_attn.q_proj` (None if it has none)."""
-    match = re.search(r"\.layers\.(\d+)\.", f".{module}")
-    return int(match.group(1)) if match else None
-
-
 def specialisation_profile(runs: Sequence[dict]) -> tuple[dict[int, float], dict[str, float], float]:
     """`(by decoder layer, by module type, chance)`: the per-layer task specialisation measured after training
     (`specialisation_by_layer`), averaged over the modules of each decoder layer / of each type and over the runs;
-    the chance level averaged over everything."""
+    the chance level averaged over everything. Layers are numbered as everywhere in the library (`layer_index`)."""
+    from moe_peft_plugin.config import layer_index
+
     by_layer: dict[int, list[float]] = {}
     by_type: dict[str, list[float]] = {}
     chance: list[float] = []
@@ -1374,7 +1369,7 @@ def specialisation_profile(runs: Sequence[dict]) -> tuple[dict[int, float], dict
         for module, row in run["specialisation_by_layer"]["layers"].items():
             if not math.isfinite(row["specialisation"]):
                 continue
-            layer = _decoder_layer(module)
+            layer = layer_index(module)
             if layer is not None:
                 by_layer.setdefault(layer, []).append(row["specialisation"])
             by_type.setdefault(module.rsplit(".", 1)[-1], []).append(row["specialisation"])
