@@ -23,7 +23,8 @@ from .routing import (
     expert_down_with_router,
     expert_up,
     inference_expert_up,
-    inference_gates,
+    inference_routing,
+    inference_selected_experts,
     route,
     router_fuses,
     router_logits,
@@ -38,14 +39,18 @@ class _InferenceWeights(NamedTuple):
     sources: tuple  # (A, B, router, log temperature) it was built from: the parameter objects, compared by identity
     expert_mask: Optional[torch.Tensor]  # the mask it was built with (compared by identity)
     down: torch.Tensor  # (E*r, in) `[A_1; ...; A_E]`, then the E router rows when they share the matmul (`fused`)
-    up: torch.Tensor  # (out, rows of `down`) `[B_1 ... B_E]` times the LoRA scaling, zero for the router rows
+    up: torch.Tensor  # (rows of `down`, out) `[B_1 ... B_E]^T` times the LoRA scaling, zero for the router rows
     gate_expand: torch.Tensor  # (rows of `down`, E) 0/1: the expert whose gate scales a row; 0 for router rows
+    down_by_expert: torch.Tensor  # (E, r, in): a view of the expert rows of `down`
+    up_by_expert: torch.Tensor  # (E, r, out): a view of the expert rows of `up`
+    router_rows: Optional[torch.Tensor]  # (E, in): a view of the router rows of `down` (None unless `fused`)
     rank_total: int  # E*r
     num_experts: int
     top_k: int
     router_type: str
     temperature: torch.Tensor | float  # the router temperature (a learned one as of building)
     fused: bool
+    sparse: bool  # top-k routing of fewer than all experts: the gates come as (weights, index)
     shares_router: bool  # `router_sharing`: the layer takes part in a group
 
 
@@ -441,35 +446,42 @@ class Linear(nn.Module, MoeLoraLayer):
                 return cached
         num_experts, scaling = self.num_experts[adapter_name], self.scaling[adapter_name]
         options = self.routing_options[adapter_name]
+        rank = lora_A.shape[1]
+        rank_total = num_experts * rank
         down = lora_A.flatten(0, 1)
         fused = router is not None and router_fuses(lora_A, router)
-        # The LoRA scaling folded into the up-projection: one multiplication less per call.
-        up = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1) * scaling
+        # Laid out (rows, out) with the LoRA scaling folded in (one multiplication less per call), so that each
+        # expert's rows are one contiguous block for the selected-experts path.
+        up = (lora_B.transpose(1, 2) * scaling).reshape(rank_total, lora_B.shape[1])
         # Gating as one small matmul: `gates @ gate_expand.T` spreads each expert's gate over its r columns of the
         # down-projection's output (exact: a single nonzero term per column). With the router rows in `down`, their
-        # columns get gate 0 and the up-projection zero columns, so the output needs no split.
-        rank = lora_A.shape[1]
+        # columns get gate 0 and the up-projection zero rows, so the output needs no split.
         gate_expand = torch.eye(num_experts, dtype=down.dtype, device=down.device).repeat_interleave(rank, dim=0)
         if fused:
             down = torch.cat([down, router])
             gate_expand = torch.cat([gate_expand, gate_expand.new_zeros(num_experts, num_experts)])
-            up = torch.cat([up, up.new_zeros(up.shape[0], num_experts)], dim=1)
+            up = torch.cat([up, up.new_zeros(num_experts, up.shape[1])])
         temperature: torch.Tensor | float = options.router_temperature
         if log_temperature is not None:
             temperature = log_temperature.detach().exp()
+        top_k = self.top_k[adapter_name]
         prepared = _InferenceWeights(
             key=key,
             sources=(lora_A, lora_B, router, log_temperature),
             expert_mask=mask,
             down=down,
-            up=up.contiguous(),
+            up=up,
             gate_expand=gate_expand,
-            rank_total=lora_A.shape[0] * lora_A.shape[1],
+            down_by_expert=down[:rank_total].view(num_experts, rank, -1),
+            up_by_expert=up[:rank_total].view(num_experts, rank, -1),
+            router_rows=down[rank_total:] if fused else None,
+            rank_total=rank_total,
             num_experts=num_experts,
-            top_k=self.top_k[adapter_name],
+            top_k=top_k,
             router_type=options.router_type,
             temperature=temperature,
             fused=fused,
+            sparse=options.router_type != "soft" and top_k < num_experts,
             shares_router=self._router_users.get(adapter_name, 1) > 1 or adapter_name in self.router_owner,
         )
         if not compiling:
@@ -479,30 +491,40 @@ class Linear(nn.Module, MoeLoraLayer):
     def _inference_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter's output `(*batch, out)` for the layer input `x` `(*batch, in)` in eval mode without autograd or
         a routing context: no losses, no statistics. The batch dimensions are kept (no reshapes): every operation here
-        works on the last dimension."""
+        works on the last dimension.
+
+        A call on so few tokens that they select at most half of the experts (tokens x top_k <= E / 2: cached
+        decoding of a small batch) reads only those experts' weights ([`inference_selected_experts`]); otherwise
+        every expert is computed and the unselected ones get gate 0 ([`inference_expert_up`]). Decoding one token is
+        bound by reading the weights, and the dense form reads as many bytes as LoRA of rank E*r; nearer to E selected
+        experts the gathers cost what they save (measured in docs/benchmarks.md)."""
         weights = self._inference_weights(adapter_name)
         tokens = self._cast_input_dtype(x, weights.down.dtype)
         if weights.num_experts == 1:
-            return F.linear(F.linear(tokens, weights.down), weights.up)
-        h = F.linear(tokens, weights.down)  # the experts' inputs, then the router logits where `fused`
+            return F.linear(tokens, weights.down) @ weights.up
+        selective = weights.sparse and 2 * x.shape[:-1].numel() * weights.top_k <= weights.num_experts
+        # The experts' inputs, then the router logits where `fused` (not needed when only selected experts run).
+        h = None if selective else F.linear(tokens, weights.down)
         gates = self._shared_routing_of(x, adapter_name, None, inference=True) if weights.shares_router else None
-        if gates is None and weights.fused and not torch.is_autocast_enabled(tokens.device.type):
-            logits = h[..., weights.rank_total :]
-        elif gates is None:  # no router rows, or autocast (it ran the fused router rows in half precision)
-            router, log_temperature = self._router_tensors(adapter_name)
-            logits = router_logits(tokens, router)
         if gates is None:
+            if weights.fused and not torch.is_autocast_enabled(tokens.device.type):
+                logits = F.linear(tokens, weights.router_rows) if selective else h[..., weights.rank_total :]
+            else:  # no router rows, or autocast (it would run the fused router rows in half precision)
+                router, log_temperature = self._router_tensors(adapter_name)
+                logits = router_logits(tokens, router)
             if adapter_name in self.router_owner:  # the temperature is the router owner's
                 temperature, mask = self._temperature_and_mask(logits, adapter_name, log_temperature)
             else:
                 temperature, mask = weights.temperature, weights.expert_mask
                 mask = None if mask is None else mask.to(logits.device)
-            gates = inference_gates(
+            gates = inference_routing(
                 logits, top_k=weights.top_k, router_type=weights.router_type, temperature=temperature, expert_mask=mask
             )
             if weights.shares_router:
                 self._share_routing(x, adapter_name, None, gates, inference=True)
-        return inference_expert_up(h, gates, weights.up, weights.gate_expand)
+        if selective:
+            return inference_selected_experts(tokens, *gates, weights.down_by_expert, weights.up_by_expert)
+        return inference_expert_up(h, *gates, weights.up, weights.gate_expand)
 
     def _router_tensors(self, adapter_name: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """`(router, log_temperature)` of `adapter_name`: this layer's, or those of the layer it shares a router with

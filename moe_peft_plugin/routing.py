@@ -287,14 +287,16 @@ def expert_up(
     return _GatedExpertUp.apply(h, weights, index, lora_B, scaling)
 
 
-def inference_gates(
+def inference_routing(
     logits: torch.Tensor,
     top_k: int,
     router_type: str,
     temperature: torch.Tensor | float = 1.0,
     expert_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """The dense `(..., num_experts)` gates of [`route`] (without noise) in as few operations as possible.
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The gates of [`route`] (without noise) in as few operations as possible, in the compact form of
+    `Routing.weights` and `Routing.index`: `(..., top_k)` weights of the experts `index` selects, or dense
+    `(..., num_experts)` gates and None (soft routing; top-k of all experts).
 
     Cached decoding runs every layer on one token at a time, where the cost is the number of operations, not their
     size. The top-k weights are the softmax over the selected logits, which equals the renormalised probabilities.
@@ -303,21 +305,52 @@ def inference_gates(
         logits = logits / temperature
     if expert_mask is not None:
         logits = logits.masked_fill(~expert_mask, torch.finfo(logits.dtype).min)
-    num_experts = logits.shape[-1]
-    if router_type == "soft" or top_k >= num_experts:
+    if router_type == "soft" or top_k >= logits.shape[-1]:
         gates = logits.softmax(dim=-1)
-        return gates if expert_mask is None else gates * expert_mask
+        return (gates if expert_mask is None else gates * expert_mask), None
     values, index = logits.topk(top_k, dim=-1)
     weights = values.softmax(dim=-1) if top_k > 1 else logits.softmax(dim=-1).gather(-1, index)
-    return torch.zeros_like(logits).scatter_(-1, index, weights)
+    return weights, index
 
 
 def inference_expert_up(
-    h: torch.Tensor, gates: torch.Tensor, up: torch.Tensor, gate_expand: torch.Tensor
+    h: torch.Tensor, weights: torch.Tensor, index: Optional[torch.Tensor], up: torch.Tensor, gate_expand: torch.Tensor
 ) -> torch.Tensor:
-    """`expert_up` for inference (no autograd) in four operations: `h` `(..., columns)` holds the experts' inputs (and
-    possibly router logits), `gate_expand` `(columns, E)` maps each column to its expert's gate (0 for a router
-    column), `up` `(out, columns)` is `[B_1 ... B_E]` with the LoRA scaling folded in (zero for a router column)."""
+    """`expert_up` for inference (no autograd), computing every expert ("dense-cat"): `h` `(..., columns)` holds the
+    experts' inputs (and possibly router logits), `weights`/`index` are the gates of [`inference_routing`],
+    `gate_expand` `(columns, E)` maps each column to its expert's gate (0 for a router column), `up` `(columns, out)`
+    is `[B_1 ... B_E]^T` with the LoRA scaling folded in (zero for a router column).
+
+    Spreading the gates over the columns is one small matmul (exact: one nonzero term per column)."""
+    gates = weights
+    if index is not None:
+        gates = weights.new_zeros(*weights.shape[:-1], gate_expand.shape[1]).scatter_(-1, index, weights)
     if gates.dtype != gate_expand.dtype:
         gates = gates.to(gate_expand.dtype)
-    return F.linear(h * F.linear(gates, gate_expand), up)
+    return (h * F.linear(gates, gate_expand)) @ up
+
+
+def inference_selected_experts(
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    index: torch.Tensor,
+    down_by_expert: torch.Tensor,
+    up_by_expert: torch.Tensor,
+) -> torch.Tensor:
+    """`expert_up(expert_down(...))` for inference reading only the selected experts' weights: `tokens` `(..., in)`,
+    `weights`/`index` `(..., k)` the top-k gates of [`inference_routing`], `down_by_expert` `(E, r, in)` the stacked
+    `A_e`, `up_by_expert` `(E, r, out)` the stacked `B_e^T` with the LoRA scaling folded in; returns `(..., out)`.
+
+    Why: decoding a batch of one token per layer call is bound by reading weights, not by arithmetic. "Dense-cat"
+    ([`inference_expert_up`]) reads all E experts, as many bytes as LoRA of rank `E*r`; this path gathers the `k`
+    experts of each token (two gathers, two batched matmuls), so it reads fewer bytes as long as tokens x k < E (the
+    layer takes it up to E / 2). The result is the same sum over the selected experts, in another order of summation.
+    """
+    rank, in_features = down_by_expert.shape[1], down_by_expert.shape[2]
+    num_tokens, top_k = index.shape[:-1].numel(), index.shape[-1]
+    flat_index = index.view(-1)
+    down = down_by_expert.index_select(0, flat_index).view(num_tokens, top_k * rank, in_features)
+    h = torch.bmm(down, tokens.reshape(num_tokens, in_features, 1))  # (tokens, k*r, 1)
+    h = (h.view(num_tokens, top_k, rank) * weights.view(num_tokens, top_k, 1)).view(num_tokens, 1, -1)
+    up = up_by_expert.index_select(0, flat_index).view(num_tokens, top_k * rank, -1)
+    return torch.bmm(h, up).view(*tokens.shape[:-1], -1)

@@ -43,22 +43,38 @@ def _make(kwargs, seed=0):
     return get_peft_model(model, config)
 
 
+@pytest.mark.parametrize("batch_shape", [(2, 7), (1, 1), (2, 1)], ids=["14-tokens", "1-token", "2-tokens"])
 @pytest.mark.parametrize("name,kwargs,mask", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
-def test_inference_path_matches_reference(name, kwargs, mask):
-    """Eval mode, no autograd and no surrounding model forward (cached decoding) takes the short inference path."""
+def test_inference_path_matches_reference(name, kwargs, mask, batch_shape, monkeypatch):
+    """Eval mode, no autograd and no surrounding model forward (cached decoding) takes the short inference path: every
+    expert with the unselected ones gated to 0, or, when the tokens select at most half of the experts (a decoding
+    step of a small batch), the selected experts alone."""
+    import moe_peft_plugin.layer as layer_module
+
     model = _make(kwargs).eval()
     layer = model.base_model.model.lin
     if mask is not None:
         model.set_expert_mask([i for i, keep in enumerate(mask) if keep])
+    num_experts, top_k = layer.num_experts["default"], layer.top_k["default"]
+    sparse = kwargs.get("router_type", "topk") == "topk" and top_k < num_experts
+    selective = sparse and 2 * batch_shape[0] * batch_shape[1] * top_k <= num_experts
+    paths = []
+    for function in ("inference_expert_up", "inference_selected_experts"):
+        original = getattr(layer_module, function)
+        monkeypatch.setattr(
+            layer_module, function, lambda *a, _f=original, _name=function: paths.append(_name) or _f(*a)
+        )
     with torch.no_grad():
         if "default" in layer.moelora_log_temperature:
             layer.moelora_log_temperature["default"].fill_(-0.3)
-        x = torch.randn(2, 7, 16, dtype=torch.float64)
+        x = torch.randn(*batch_shape, 16, dtype=torch.float64)
         calls = []
         original = layer._inference_update
         layer._inference_update = lambda *a: calls.append(1) or original(*a)
         fast = layer(x)
-        assert calls or layer.num_experts["default"] == 1, "the inference path was not taken"
+        assert calls or num_experts == 1, "the inference path was not taken"
+        if num_experts > 1:
+            assert paths == ["inference_selected_experts" if selective else "inference_expert_up"]
         full = model(x)  # inside the model's routing context: the training-time path
         temperature = kwargs.get("router_temperature", 1.0)
         if "default" in layer.moelora_log_temperature:
@@ -527,10 +543,15 @@ def _torch_calls(module, x):
     return [name for name in calls if name not in ("__get__", "data_ptr")]  # attribute reads, not operations
 
 
+VIEWS = ("view", "reshape")  # metadata only: no kernel, no copy
+
+
 def test_cached_decoding_adds_few_torch_calls_to_lora():
-    """Top-2 of 8 experts in decoding: the fused down-projection (expert inputs and router logits), the gates (top-k,
-    softmax, dense scatter), the gates spread over the experts' columns in one small matmul, the up-projection. A guard
-    against operations creeping back (it was 8 more than LoRA before the gate spreading replaced the split and the
+    """Top-2 of 8 experts in decoding. One token (a batch of one): the router's logits, the gates (top-k, softmax),
+    the two selected experts gathered and run (two gathers, two batched matmuls, the gating multiplication). Four
+    tokens, whose selected experts can be all 8: the fused down-projection (expert inputs and router logits), the
+    gates, their spreading over the experts' columns in one small matmul, the up-projection. A guard against
+    operations creeping back (the dense path was 8 more than LoRA before the gate spreading replaced a split and
     reshapes)."""
     from peft import LoraConfig
 
@@ -538,14 +559,36 @@ def test_cached_decoding_adds_few_torch_calls_to_lora():
     lora = get_peft_model(Tiny(64, 64), LoraConfig(target_modules=["lin"], r=8)).eval()
     config = MoeLoraConfig(target_modules=["lin"], num_experts=8, top_k=2, init_weights=False)
     moe = get_peft_model(Tiny(64, 64), config).eval()
-    x = torch.randn(1, 1, 64)
+    one_token, four_tokens = torch.randn(1, 1, 64), torch.randn(4, 1, 64)
     with torch.no_grad():
-        moe.base_model.model.lin(x)  # builds the inference weights once
-    lora_calls = _torch_calls(lora.base_model.model.lin, x)
-    moe_calls = _torch_calls(moe.base_model.model.lin, x)
-    assert len(moe_calls) - len(lora_calls) <= 6, (lora_calls, moe_calls)  # peft's LoRA r=8: 6 calls in peft 0.21
-    assert moe_calls == ["linear", "linear", "__getitem__", "topk", "softmax", "zeros_like", "scatter_", "linear", "mul",
-                         "linear", "add", "to"]  # fmt: skip
+        moe.base_model.model.lin(one_token)  # builds the inference weights once
+    lora_calls = _torch_calls(lora.base_model.model.lin, one_token)
+    assert lora_calls == ["linear", "linear", "linear", "mul", "add", "to"]  # peft 0.21's LoRA
+    selected = _torch_calls(moe.base_model.model.lin, one_token)
+    assert [name for name in selected if name not in VIEWS] == [
+        "linear", "linear", "topk", "softmax", "index_select", "bmm", "mul", "index_select", "bmm", "add", "to"
+    ]  # fmt: skip
+    assert len(selected) - len(lora_calls) <= 13, selected  # + 8 views
+    dense = _torch_calls(moe.base_model.model.lin, four_tokens)
+    assert dense == ["linear", "linear", "__getitem__", "topk", "softmax", "new_zeros", "scatter_", "linear", "mul",
+                     "matmul", "add", "to"]  # fmt: skip
+
+
+def test_decoding_one_token_reads_only_its_selected_experts():
+    """The selected-experts path never touches the other experts' weights (that is its point: decoding is bound by
+    reading weights): NaN in every unselected expert leaves the output of one token exact, while the dense path of a
+    larger batch multiplies them by a zero gate and propagates them."""
+    model = _make({"num_experts": 8, "top_k": 2}).eval()
+    layer = model.base_model.model.lin
+    x = torch.randn(1, 1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+        selected = (x.reshape(1, 16) @ layer.moelora_router["default"].T).topk(2).indices.flatten().tolist()
+        unselected = [e for e in range(8) if e not in selected]
+        layer.moelora_A["default"][unselected] = float("nan")
+        layer.moelora_B["default"][unselected] = float("nan")
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+        assert layer(x.expand(4, 1, 16)).isnan().any()
 
 
 def test_inference_path_keeps_the_router_in_float32_under_autocast(monkeypatch):

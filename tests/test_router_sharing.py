@@ -206,7 +206,7 @@ def test_router_sharing_round_trips_through_the_saved_config(tmp_path):
 def test_routing_runs_once_per_router_and_input_tensor(router_sharing, monkeypatch):
     import moe_peft_plugin.layer as layer_module
 
-    calls = {"route": 0, "inference_gates": 0}
+    calls = {"route": 0, "inference_routing": 0}
     for function in calls:
         original = getattr(layer_module, function)
 
@@ -221,7 +221,7 @@ def test_routing_runs_once_per_router_and_input_tensor(router_sharing, monkeypat
     routed_per_block = 4 if router_sharing is True else 6  # q(kv), o, gate(up), down; or q, k, v, o(own input), ...
     shared.train()
     shared(**inputs, labels=inputs["input_ids"])
-    assert calls == {"route": 4 * routed_per_block, "inference_gates": 0}
+    assert calls == {"route": 4 * routed_per_block, "inference_routing": 0}
     stats = shared.base_model.get_routing_stats()
     for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
         members = [name for name in stats if name.rsplit(".", 1)[-1] in group and ".layers.2." in name]
@@ -231,4 +231,4 @@ def test_routing_runs_once_per_router_and_input_tensor(router_sharing, monkeypat
     shared.eval()
     with torch.no_grad(), shared.base_model.inference_only():
         shared(**inputs)
-    assert calls["inference_gates"] == 4 * routed_per_block
+    assert calls["inference_routing"] == 4 * routed_per_block
