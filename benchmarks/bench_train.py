@@ -25,7 +25,8 @@ same with `router_sharing=True` (opt-in: q/k/v and gate/up share a router; no ta
 (2-4-6-8 experts over four groups of layers, top-2), MoLE (3 frozen experts with soft routing, learned temperature,
 gating-balance loss; the experts are random here, standing in for trained LoRAs: the cost is the same).
 Models: `smollm2-135m`, the embedded SmolLM2-135M-Instruct (d=576, 30 layers; skipped if it is not available), and
-`llama-d1024`, a randomly initialised Llama with d=1024 (GQA, 4 layers by default) built locally.
+`llama-d1024`, a randomly initialised Llama with d=1024 (GQA, 4 layers by default) built locally; `llama-1b`, one of
+Llama-3.2-1B's shape (d=2048, 16 layers, GQA; a 32k vocabulary), for a GPU.
 
 Usage (2 CPU cores; PASSIVE stops idle OpenMP threads from spinning between the many small ops of a step):
 
@@ -34,6 +35,7 @@ Usage (2 CPU cores; PASSIVE stops idle OpenMP threads from spinning between the 
     python benchmarks/bench_train.py --models llama-d1024 --skip-4bit --json bench_train.json
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py --skip-train --skip-4bit   # generation only, ~2 min
     python benchmarks/bench_train.py --device cuda --batch 8 --seq 1024         # on a GPU
+    python benchmarks/bench_train.py --device cuda --models smollm2-135m llama-1b --skip-4bit   # the issue's GPU run
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py --quick --torch-compile --skip-4bit   # + compiled steps
     python benchmarks/bench_train.py --models llama-d1024 --skip-train --skip-4bit --compiled-generation
                                                      # + generation with a static cache and a compiled forward
@@ -157,14 +159,24 @@ def wrap(base: nn.Module, case: Case, copy_base: bool = True) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def llama_d1024_config(num_layers: int) -> LlamaConfig:
-    # All dims are multiples of 64, as bitsandbytes' CPU 4-bit kernels need.
+# Randomly initialised Llamas built locally: their shapes, and the default number of layers. All dims are multiples of
+# 64, as bitsandbytes' CPU 4-bit kernels need. `llama-1b` has Llama-3.2-1B's shape (with a 32k vocabulary): the
+# "1B-class" model of the GPU run; too slow for the default CPU runs.
+RANDOM_LLAMAS = {
+    "llama-d1024": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+                        num_hidden_layers=4),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                     num_hidden_layers=16),
+}  # fmt: skip
+
+
+def random_llama_config(name: str, num_layers: Optional[int] = None) -> LlamaConfig:
+    """The config of the random Llama `name` (`RANDOM_LLAMAS`), with `num_layers` layers if given."""
+    shape = dict(RANDOM_LLAMAS[name])
+    if num_layers is not None:
+        shape["num_hidden_layers"] = num_layers
     return LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=num_layers,
-        num_attention_heads=16,
-        num_key_value_heads=4,
+        **shape,
         vocab_size=32000,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
@@ -174,9 +186,9 @@ def llama_d1024_config(num_layers: int) -> LlamaConfig:
     )
 
 
-def build_llama(num_layers: int, dtype: torch.dtype) -> nn.Module:
+def build_llama(name: str, num_layers: Optional[int], dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
-    return LlamaForCausalLM(llama_d1024_config(num_layers)).to(dtype)
+    return LlamaForCausalLM(random_llama_config(name, num_layers)).to(dtype)
 
 
 def load_smollm2(dtype: torch.dtype) -> tuple[Optional[nn.Module], str]:
@@ -681,13 +693,13 @@ def bench_4bit(args, dtype, device, problems) -> Optional[dict]:
         return None
     label = "llama-d1024 NF4"
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    cases = [c for c in train_cases(args.llama_layers) if c.name in (R8, R64, MOE)]
     inputs = training_batch(32000, args, device)
     runners = []
-    progress(f"{label}: quantizing {len(cases)} copies")
     with tempfile.TemporaryDirectory(prefix="bench-train-nf4-") as folder:
-        float_model = build_llama(args.llama_layers, dtype)
+        float_model = build_llama("llama-d1024", args.llama_layers, dtype)
         description = describe(float_model)
+        cases = [c for c in train_cases(float_model.config.num_hidden_layers) if c.name in (R8, R64, MOE)]
+        progress(f"{label}: quantizing {len(cases)} copies")
         float_model.save_pretrained(folder)
         del float_model
         for case in cases:
@@ -780,8 +792,17 @@ def environment(device: torch.device) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny run (~1 min): llama-d1024, batch 2x64")
-    parser.add_argument("--models", nargs="+", choices=("smollm2-135m", "llama-d1024"), help="default: both")
-    parser.add_argument("--llama-layers", type=int, help="layers of llama-d1024, >= 4 (MoLA's four groups; default 4)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=("smollm2-135m", *RANDOM_LLAMAS),
+        help="default: smollm2-135m and llama-d1024 (llama-1b: Llama-3.2-1B's shape, for a GPU)",
+    )
+    parser.add_argument(
+        "--llama-layers",
+        type=int,
+        help="layers of the random Llamas, >= 4 (MoLA's four groups; default 4 for llama-d1024, 16 for llama-1b)",
+    )
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="base model dtype")
     parser.add_argument("--steps", type=int, help="timed rounds (default 10; quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps per config, >= 1 (default 2; quick 1)")
@@ -817,7 +838,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     quick = args.quick
     defaults = dict(
         models=["llama-d1024"] if quick else ["smollm2-135m", "llama-d1024"],
-        llama_layers=4,
         steps=3 if quick else 10,
         warmup=1 if quick else 2,
         batch=2 if quick else 4,
@@ -831,7 +851,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             setattr(args, name, value)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
-    if args.llama_layers < 4:
+    if args.llama_layers is not None and args.llama_layers < 4:
         parser.error(f"--llama-layers must be >= 4 (MoLA 2-4-6-8 needs a layer per group), got {args.llama_layers}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -865,7 +885,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 report["models"][name] = {"skipped": source}
                 continue
         else:
-            base, source = build_llama(args.llama_layers, dtype), "random-init Llama"
+            base, source = build_llama(name, args.llama_layers, dtype), "random-init Llama"
         model_report, model_failures = bench_model(name, base, source, args, dtype, device, problems)
         report["models"][name] = model_report
         failures += model_failures

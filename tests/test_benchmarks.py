@@ -24,6 +24,31 @@ CONFIGS = {
 }
 
 
+def _import_bench_train():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return bench_train
+
+
+def test_the_random_llamas_have_their_documented_shapes():
+    """`llama-1b` is the "1B-class" model of the GPU run (Llama-3.2-1B's shape): counted on the meta device, no
+    memory; `--llama-layers` changes only the depth."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    bench_train = _import_bench_train()
+    with torch.device("meta"):
+        one_b = LlamaForCausalLM(bench_train.random_llama_config("llama-1b"))
+    assert 1.0e9 < sum(p.numel() for p in one_b.parameters()) < 1.3e9
+    assert (one_b.config.hidden_size, one_b.config.num_hidden_layers) == (2048, 16)
+    assert bench_train.random_llama_config("llama-d1024").num_hidden_layers == 4
+    deeper = bench_train.random_llama_config("llama-d1024", 6)
+    assert (deeper.hidden_size, deeper.num_hidden_layers) == (1024, 6)
+
+
 @pytest.mark.slow
 def test_bench_train_runs_every_config_on_packed_batches_and_writes_its_json(tmp_path):
     out = tmp_path / "bench_train.json"
@@ -103,11 +128,7 @@ def test_compiled_generation_generates_every_token_through_the_compiled_forward(
 
     from .helpers import build_tiny_llama
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_train
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    bench_train = _import_bench_train()
     models = {}
     for name, config in ((bench_train.R8, LoraConfig(r=8, target_modules="all-linear")),
                          (bench_train.MOE, MoeLoraConfig(r=4, num_experts=4, top_k=2, target_modules="all-linear",
