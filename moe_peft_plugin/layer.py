@@ -493,7 +493,7 @@ class Linear(nn.Module, MoeLoraLayer):
         a routing context: no losses, no statistics. The batch dimensions are kept (no reshapes): every operation here
         works on the last dimension.
 
-        A call on so few tokens that they select at most half of the experts (tokens x top_k <= E / 2: cached
+        An eager call on so few tokens that they select at most half of the experts (tokens x top_k <= E / 2: cached
         decoding of a small batch) reads only those experts' weights ([`inference_selected_experts`]); otherwise
         every expert is computed and the unselected ones get gate 0 ([`inference_expert_up`]). Decoding one token is
         bound by reading the weights, and the dense form reads as many bytes as LoRA of rank E*r; nearer to E selected
@@ -502,7 +502,13 @@ class Linear(nn.Module, MoeLoraLayer):
         tokens = self._cast_input_dtype(x, weights.down.dtype)
         if weights.num_experts == 1:
             return F.linear(tokens, weights.down) @ weights.up
-        selective = weights.sparse and 2 * x.shape[:-1].numel() * weights.top_k <= weights.num_experts
+        # Eager only: inductor lowers the small gathered matmuls to loops over gathered rows, which measured slower
+        # than the dense form on a CPU (docs/benchmarks.md); a compiled forward computes every expert.
+        selective = (
+            weights.sparse
+            and 2 * x.shape[:-1].numel() * weights.top_k <= weights.num_experts
+            and not torch.compiler.is_compiling()
+        )
         # The experts' inputs, then the router logits where `fused` (not needed when only selected experts run).
         h = None if selective else F.linear(tokens, weights.down)
         gates = self._shared_routing_of(x, adapter_name, None, inference=True) if weights.shares_router else None
